@@ -1,0 +1,23 @@
+//! What every bluetick service shares.
+//!
+//! - [`server`]: the gRPC server bootstrap (health, reflection, limits, graceful shutdown).
+//! - [`channel`]: client channels to other services with deadlines and keep-alives.
+//! - [`push`]: ordered, batched delivery of frames to gateway instances.
+//! - [`ids`]: time-ordered unique 64-bit ids.
+//! - [`auth`]: bearer-token parsing.
+//! - [`telemetry`]: tracing set-up and shutdown signals.
+
+pub mod auth;
+pub mod channel;
+pub mod ids;
+pub mod push;
+pub mod server;
+pub mod telemetry;
+
+/// Returns the current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}

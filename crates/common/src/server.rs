@@ -1,0 +1,85 @@
+//! The gRPC server bootstrap every service uses: health, reflection, keep-alives and a
+//! graceful shutdown that first reports NOT_SERVING.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+/// How one service's gRPC server is mounted.
+#[derive(Debug)]
+pub struct ServerSpec {
+    /// Fully qualified names of the gRPC services in `routes`, reported by health and
+    /// reflection (e.g. `bluetick.messaging.v1.Messaging`).
+    pub service_names: Vec<&'static str>,
+    /// Also accept HTTP/1.1 (media serves plain HTTP on the same port).
+    pub accept_http1: bool,
+}
+
+/// Serves `routes` plus `grpc.health.v1` and server reflection on `listener` until
+/// `shutdown` is cancelled, then reports NOT_SERVING and drains in-flight calls.
+///
+/// # Errors
+/// Fails if reflection cannot be built or the server stops with a transport error.
+pub async fn serve(
+    spec: ServerSpec,
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in &spec.service_names {
+        health_reporter
+            .set_service_status(*name, ServingStatus::Serving)
+            .await;
+    }
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+
+    let mut reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bluetick_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bluetick_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in &spec.service_names {
+        reflection_v1 = reflection_v1.with_service_name(*name);
+        reflection_v1alpha = reflection_v1alpha.with_service_name(*name);
+    }
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1.build_v1()?)
+        .add_service(reflection_v1alpha.build_v1alpha()?);
+
+    let incoming = TcpListenerStream::new(listener).map(|stream_result| {
+        stream_result.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    });
+    let names = spec.service_names.clone();
+    let on_shutdown = async move {
+        shutdown.cancelled().await;
+        for name in &names {
+            health_reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        health_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    };
+    Server::builder()
+        .accept_http1(spec.accept_http1)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, on_shutdown)
+        .await?;
+    Ok(())
+}

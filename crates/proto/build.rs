@@ -1,0 +1,35 @@
+//! Compiles every `.proto` under the workspace's `proto/` with protox (no system protoc) and
+//! writes the descriptor set used by gRPC reflection and `grpcurl -protoset`.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        "bluetick/common/v1/common.proto",
+        "bluetick/gateway/v1/accounts.proto",
+        "bluetick/gateway/v1/keys.proto",
+        "bluetick/gateway/v1/chat.proto",
+        "bluetick/gateway/v1/presence.proto",
+        "bluetick/gateway/v1/internal.proto",
+        "bluetick/messaging/v1/messaging.proto",
+        "bluetick/ack/v1/ack.proto",
+        "bluetick/presence/v1/presence.proto",
+        "bluetick/media/v1/media.proto",
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
+    }
+    let descriptor_set = protox::compile(files, [&proto_root])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("bluetick_descriptor.bin"),
+        descriptor_set.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_fds(descriptor_set)?;
+    Ok(())
+}
