@@ -10,8 +10,8 @@ use bytes::Bytes;
 /// Returns every regular file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
+    for entry in std::fs::read_dir(dir).expect("read_dir failed") {
+        let path = entry.expect("dir entry failed").path();
         if path.is_dir() {
             files.extend(files_under(&path));
         } else {
