@@ -212,8 +212,7 @@ pub trait InboxStore: Send + Sync + 'static {
 
     /// Marks messages as delivered to `device`: no longer pending, still stored until read.
     /// Unknown ids are ignored.
-    async fn mark_delivered(&self, device: &DeviceAddress, message_ids: &[u64])
-    -> StoreResult<()>;
+    async fn mark_delivered(&self, device: &DeviceAddress, message_ids: &[u64]) -> StoreResult<()>;
 
     /// Deletes messages from `device`'s inbox (they were read). Unknown ids are ignored.
     async fn remove(&self, device: &DeviceAddress, message_ids: &[u64]) -> StoreResult<()>;
@@ -299,8 +298,11 @@ pub trait TickStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<StoredReceipt>>;
 
     /// Forgets receipts `sender` has processed. Unknown ids are ignored.
-    async fn confirm_receipts(&self, sender: &DeviceAddress, receipt_ids: &[u64])
-    -> StoreResult<()>;
+    async fn confirm_receipts(
+        &self,
+        sender: &DeviceAddress,
+        receipt_ids: &[u64],
+    ) -> StoreResult<()>;
 
     /// Returns `(message_id, recipient device, status)` for each recipient device of the
     /// given messages that `sender` sent; messages sent by others are left out.
@@ -347,8 +349,11 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn last_seen(&self, user_id: &str) -> StoreResult<Option<u64>>;
 
     /// Sets a user's last-seen visibility.
-    async fn set_visibility(&self, user_id: &str, visibility: LastSeenVisibility)
-    -> StoreResult<()>;
+    async fn set_visibility(
+        &self,
+        user_id: &str,
+        visibility: LastSeenVisibility,
+    ) -> StoreResult<()>;
 
     /// Replaces a user's contact list.
     async fn set_contacts(&self, user_id: &str, contacts: Vec<String>) -> StoreResult<()>;
@@ -430,8 +435,6 @@ pub async fn open_tick_store(url: &str) -> StoreResult<TickStoreRef> {
 /// When the URL is invalid or the store cannot be opened.
 pub async fn open_presence_store(url: &str) -> StoreResult<PresenceStoreRef> {
     match StoreLocation::parse(url)? {
-        StoreLocation::Embedded(dir) => {
-            Ok(Arc::new(embedded::EmbeddedPresenceStore::open(&dir)?))
-        }
+        StoreLocation::Embedded(dir) => Ok(Arc::new(embedded::EmbeddedPresenceStore::open(&dir)?)),
     }
 }

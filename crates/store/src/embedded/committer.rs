@@ -1,0 +1,226 @@
+//! The group committer shared by every embedded store.
+//!
+//! Callers [`submit`](GroupCommitter::submit) a write job (a closure over a redb
+//! [`WriteTransaction`]) and await its result. A dedicated writer thread takes the first
+//! queued job, drains whatever else is queued (up to [`MAX_BATCH_JOBS`]), runs them one after
+//! the other in one write transaction and commits it once, durably. Only then is each caller
+//! released, with its own result: a single tick never precedes the fsync.
+//!
+//! Job contract: a job that refuses its input ([`StoreError::NotFound`] or
+//! [`StoreError::AlreadyExists`]) must do so before it writes anything; its refusal goes to
+//! its caller alone and the rest of the batch commits. Any other error (I/O, corrupt data,
+//! a panic) aborts the transaction and fails every job of the batch, since a half-applied
+//! job cannot be told apart from a whole one.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, WriteTransaction};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{StoreError, StoreResult};
+
+/// The most write jobs applied in one transaction (one fsync).
+pub const MAX_BATCH_JOBS: usize = 1024;
+
+/// How many write jobs may wait for the writer before submitters wait for room.
+const QUEUE_CAPACITY: usize = 8 * MAX_BATCH_JOBS;
+
+/// A write job with its result type erased, so one writer serves every kind of job.
+trait ErasedJob: Send {
+    /// Runs the job inside the batch transaction. `Err` means the batch must abort.
+    fn apply(&mut self, transaction: &WriteTransaction) -> Result<(), StoreError>;
+
+    /// Releases the caller once the batch is committed (`Ok`) or failed (`Err`).
+    fn finish(self: Box<Self>, batch_result: Result<(), StoreError>);
+}
+
+struct TypedJob<T, F> {
+    work_opt: Option<F>,
+    outcome_opt: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> ErasedJob for TypedJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+{
+    fn apply(&mut self, transaction: &WriteTransaction) -> Result<(), StoreError> {
+        let Some(work) = self.work_opt.take() else {
+            return Ok(());
+        };
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| work(transaction)))
+            .map_err(|_| StoreError::Internal("write job panicked".to_string()))?;
+        match outcome {
+            Ok(value) => self.outcome_opt = Some(Ok(value)),
+            Err(refusal @ (StoreError::NotFound(_) | StoreError::AlreadyExists(_))) => {
+                self.outcome_opt = Some(Err(refusal));
+            }
+            Err(fatal) => return Err(fatal),
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, batch_result: Result<(), StoreError>) {
+        let result = match batch_result {
+            Ok(()) => self.outcome_opt.unwrap_or_else(|| {
+                Err(StoreError::Internal(
+                    "write job was never applied".to_string(),
+                ))
+            }),
+            Err(error) => Err(error),
+        };
+        // The caller may have gone away (cancelled); its write stands regardless.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Returns an equivalent error for another waiter of a failed batch.
+fn duplicate_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::NotFound(detail) => StoreError::NotFound(detail.clone()),
+        StoreError::AlreadyExists(detail) => StoreError::AlreadyExists(detail.clone()),
+        StoreError::Unavailable(detail) => StoreError::Unavailable(detail.clone()),
+        StoreError::Internal(detail) => StoreError::Internal(detail.clone()),
+    }
+}
+
+/// One writer thread per database, applying queued write jobs in groups.
+///
+/// Dropping it closes the queue, lets the writer finish what is queued and joins it, so
+/// the database file is released when the store is dropped.
+#[derive(Debug)]
+pub(crate) struct GroupCommitter {
+    /// `None` only while dropping, to close the queue before joining the writer.
+    sender_opt: Option<mpsc::Sender<Box<dyn ErasedJob>>>,
+    writer_opt: Option<JoinHandle<()>>,
+    /// Committed write transactions, for tests and metrics.
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for dyn ErasedJob {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("ErasedJob")
+    }
+}
+
+impl GroupCommitter {
+    /// Starts the writer thread of `database`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the thread cannot be spawned.
+    pub(crate) fn start(name: &str, database: Arc<Database>) -> StoreResult<Self> {
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = Arc::clone(&commits);
+        let writer = std::thread::Builder::new()
+            .name(format!("{name}-writer"))
+            .spawn(move || run_writer(&database, receiver, &writer_commits))
+            .map_err(|error| {
+                StoreError::Unavailable(format!("failed to start {name} writer thread: {error}"))
+            })?;
+        Ok(Self {
+            sender_opt: Some(sender),
+            writer_opt: Some(writer),
+            commits,
+        })
+    }
+
+    /// Queues `work` for the next group commit and returns its result once that commit is
+    /// durable.
+    ///
+    /// # Errors
+    /// The job's own refusal, or [`StoreError::Unavailable`] / [`StoreError::Internal`]
+    /// when its batch failed or the writer has stopped.
+    pub(crate) async fn submit<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    {
+        let sender = self
+            .sender_opt
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("store is closing".to_string()))?;
+        let (reply, result) = oneshot::channel();
+        let job = Box::new(TypedJob {
+            work_opt: Some(work),
+            outcome_opt: None,
+            reply,
+        });
+        sender
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer has stopped".to_string()))?;
+        result
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer has stopped".to_string()))?
+    }
+
+    /// Returns how many write transactions have been committed.
+    pub(crate) fn commit_count(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for GroupCommitter {
+    fn drop(&mut self) {
+        drop(self.sender_opt.take());
+        let joined_opt = self.writer_opt.take().map(JoinHandle::join);
+        if matches!(joined_opt, Some(Err(_))) {
+            tracing::error!("store writer thread panicked");
+        }
+    }
+}
+
+/// The writer thread: waits for a job, drains the queue into a batch, commits it.
+fn run_writer(
+    database: &Database,
+    mut receiver: mpsc::Receiver<Box<dyn ErasedJob>>,
+    commits: &AtomicU64,
+) {
+    let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(MAX_BATCH_JOBS);
+    while let Some(first_job) = receiver.blocking_recv() {
+        batch.push(first_job);
+        while batch.len() < MAX_BATCH_JOBS {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let batch_result = apply_batch(database, &mut batch);
+        match &batch_result {
+            Ok(()) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::warn!(jobs = batch.len(), %error, "store write batch failed");
+            }
+        }
+        for job in batch.drain(..) {
+            job.finish(batch_result.as_ref().map(|_| ()).map_err(duplicate_error));
+        }
+    }
+}
+
+/// Applies every job of `batch` in one durable write transaction.
+fn apply_batch(database: &Database, batch: &mut [Box<dyn ErasedJob>]) -> StoreResult<()> {
+    let mut transaction = database.begin_write()?;
+    transaction.set_durability(Durability::Immediate)?;
+    for job in batch.iter_mut() {
+        if let Err(error) = job.apply(&transaction) {
+            if let Err(abort_error) = transaction.abort() {
+                tracing::warn!(%abort_error, "failed to abort store write batch");
+            }
+            return Err(error);
+        }
+    }
+    transaction
+        .commit()
+        .map_err(|error| match StoreError::from(error) {
+            StoreError::Internal(detail) => StoreError::Internal(detail),
+            other => StoreError::Unavailable(format!("failed to commit: {other}")),
+        })
+}
