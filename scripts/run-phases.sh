@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs make targets one after another as the phases of `make test`, printing each phase's
+# wall time as it ends and a summary at the end. Stops at the first failing phase.
+#
+#   scripts/run-phases.sh fmt lint test-fast test-python
+#
+# $MAKE (default: make) runs each phase.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+(($# > 0)) || die "usage: $0 PHASE..."
+
+make_cmd="${MAKE:-make}"
+summary=()
+total_start=$SECONDS
+
+print_summary() {
+    local line
+    printf '\n==== phase summary ====\n' >&2
+    for line in "${summary[@]}"; do
+        printf '%s\n' "$line" >&2
+    done
+    printf '%-24s %6ss\n' "total" "$((SECONDS - total_start))" >&2
+}
+
+for phase in "$@"; do
+    printf '\n==== phase %s ====\n' "$phase" >&2
+    phase_start=$SECONDS
+    status=0
+    "$make_cmd" --no-print-directory "$phase" || status=$?
+    elapsed=$((SECONDS - phase_start))
+    if ((status != 0)); then
+        summary+=("$(printf '%-24s %6ss  FAILED (exit %d)' "$phase" "$elapsed" "$status")")
+        printf '==== phase %s FAILED after %ss ====\n' "$phase" "$elapsed" >&2
+        print_summary
+        exit "$status"
+    fi
+    summary+=("$(printf '%-24s %6ss  ok' "$phase" "$elapsed")")
+    printf '==== phase %s ok in %ss ====\n' "$phase" "$elapsed" >&2
+done
+print_summary
