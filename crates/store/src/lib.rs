@@ -106,7 +106,7 @@ pub struct DeviceKeys {
 
 /// Users, devices, tokens and the public key directory. Owned by the gateway.
 #[async_trait]
-pub trait AccountStore: Send + Sync + 'static {
+pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
     /// Creates `user_id` with device 1, reachable with the token whose SHA-256 is
     /// `token_hash`. [`StoreError::AlreadyExists`] if the user exists.
     async fn create_user(
@@ -195,7 +195,7 @@ pub struct StoredMessage {
 
 /// Per-device inboxes: messages stored until read (or expired). Owned by messaging.
 #[async_trait]
-pub trait InboxStore: Send + Sync + 'static {
+pub trait InboxStore: Send + Sync + std::fmt::Debug + 'static {
     /// Atomically and durably stores every envelope in its device's inbox together with the
     /// idempotency record of `(sender, client_msg_id)`, or reports the earlier duplicate.
     async fn accept(&self, record: AcceptRecord) -> StoreResult<AcceptOutcome>;
@@ -271,7 +271,7 @@ pub enum AckOutcome {
 /// Tick state per message and recipient device, and receipts waiting for senders. Owned by
 /// ack.
 #[async_trait]
-pub trait TickStore: Send + Sync + 'static {
+pub trait TickStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records the message as SENT for each recipient device. Idempotent: recording it
     /// again leaves states that moved on untouched.
     async fn record_sent(&self, record: SentRecord) -> StoreResult<()>;
@@ -341,7 +341,7 @@ impl Default for Privacy {
 /// Last seen and privacy settings. Owned by presence. Online state and routes stay in
 /// memory; only last seen is written, coalesced.
 #[async_trait]
-pub trait PresenceStore: Send + Sync + 'static {
+pub trait PresenceStore: Send + Sync + std::fmt::Debug + 'static {
     /// Records last-seen times; a stored time is never moved backwards.
     async fn record_last_seen(&self, entries: Vec<(String, u64)>) -> StoreResult<()>;
 

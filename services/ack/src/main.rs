@@ -1,0 +1,36 @@
+//! `bluetick-ack`: runs the ack service alone.
+
+use bluetick_ack::{AckConfig, serve};
+use clap::Parser;
+
+/// The bluetick ack service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "BLUETICK_ACK_LISTEN", default_value = "127.0.0.1:7702")]
+    listen: String,
+    /// Store URL: a directory for the embedded store.
+    #[arg(long, env = "BLUETICK_STORE", default_value = "./data/ack")]
+    store: String,
+    /// The presence service.
+    #[arg(long, env = "BLUETICK_PRESENCE_URL", default_value = "http://127.0.0.1:7703")]
+    presence_url: String,
+    /// This instance's id (0-1023), unique among ack instances.
+    #[arg(long, env = "BLUETICK_NODE_ID", default_value_t = 0)]
+    node_id: u16,
+    /// Log JSON lines.
+    #[arg(long, env = "BLUETICK_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    bluetick_common::telemetry::init_tracing(args.log_json);
+    let mut config = AckConfig::new(args.store, args.presence_url);
+    config.node_id = args.node_id;
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "ack listening");
+    serve(config, listener, bluetick_common::telemetry::shutdown_on_signals()).await
+}

@@ -1,0 +1,662 @@
+//! `bluetick.gateway.v1.Chat`: one bidirectional stream per device.
+//!
+//! A session runs three parts:
+//! - the reader (this task): takes frames from the device, answers heartbeats, checks
+//!   the heartbeat deadline, and hands sends and receipts to
+//! - the ops worker: calls messaging and ack one frame at a time, so a device's sends are
+//!   accepted in the order it sent them;
+//! - the sync task: attaches the device with presence, sends the backlog of messages and
+//!   receipts, then switches the session to live delivery.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use bluetick_common::channel::with_deadline;
+use bluetick_common::now_ms;
+use bluetick_proto::ack::v1::{AcknowledgeRequest, ConfirmReceiptsRequest, FetchReceiptsRequest};
+use bluetick_proto::common::v1::{DeviceAddress, TickStatus, Typing};
+use bluetick_proto::gateway::v1::chat_server::Chat;
+use bluetick_proto::gateway::v1::client_frame::Frame as ClientFrameBody;
+use bluetick_proto::gateway::v1::server_frame::Frame;
+use bluetick_proto::gateway::v1::*;
+use bluetick_proto::messaging::v1::{
+    AcceptRequest, Envelope, FetchBacklogRequest, RelayRequest, SettleRequest,
+};
+use bluetick_proto::presence::v1::{
+    AttachRequest, DetachRequest, HeartbeatsRequest, SessionRef,
+};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::Gateway;
+use crate::sessions::SessionHandle;
+
+/// Longest client_msg_id accepted.
+const MAX_CLIENT_MSG_ID: usize = 64;
+/// Most ids in one Acknowledge or ConfirmReceipts frame.
+const MAX_IDS_PER_FRAME: usize = 1_000;
+/// Frames waiting for the ops worker before the reader stops reading.
+const OPS_QUEUE: usize = 256;
+/// Backlog page size.
+const BACKLOG_PAGE: u32 = 256;
+
+/// Implements `bluetick.gateway.v1.Chat`.
+#[derive(Clone, Debug)]
+pub(crate) struct ChatService {
+    gateway: Arc<Gateway>,
+}
+
+impl ChatService {
+    pub(crate) fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Chat for ChatService {
+    type OpenStream = FrameStream;
+
+    async fn open(
+        &self,
+        request: Request<Streaming<ClientFrame>>,
+    ) -> Result<Response<Self::OpenStream>, Status> {
+        let device = self.gateway.authenticate(request.metadata()).await?;
+        if self.gateway.shutdown.is_cancelled() {
+            return Err(Status::unavailable("gateway is shutting down"));
+        }
+        let inbound = request.into_inner();
+        let (outbound, outbound_rx) = mpsc::channel(self.gateway.config.device_queue_capacity);
+        let handle = Arc::new(SessionHandle {
+            device,
+            session_id: rand::random(),
+            outbound,
+            cancel: self.gateway.shutdown.child_token(),
+            termination: Mutex::new(None),
+            last_activity_ms: AtomicU64::new(now_ms()),
+        });
+        let stream = response_stream(outbound_rx, handle.clone());
+        self.gateway.sessions.insert(handle.clone());
+        tokio::spawn(run_session(self.gateway.clone(), handle, inbound));
+        Ok(Response::new(stream))
+    }
+}
+
+/// The frames of a session, ending with the session's termination status if it was ended
+/// by the server (slow device, missed heartbeats, replaced, shutdown).
+fn response_stream(receiver: mpsc::Receiver<ServerFrame>, handle: Arc<SessionHandle>) -> FrameStream {
+    let cancel = handle.cancel.clone();
+    Box::pin(futures::stream::unfold(
+        (receiver, cancel, handle, false),
+        |(mut receiver, cancel, handle, done)| async move {
+            if done {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    let status = handle
+                        .termination
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .take()
+                        .unwrap_or_else(|| Status::unavailable("gateway is shutting down, reconnect"));
+                    Some((Err(status), (receiver, cancel, handle, true)))
+                }
+                frame = receiver.recv() => {
+                    frame.map(|frame| (Ok(frame), (receiver, cancel, handle, false)))
+                }
+            }
+        },
+    ))
+}
+
+/// Work the reader hands to the ops worker.
+enum Op {
+    Send(SendMessage),
+    Ack(Acknowledge),
+    Confirm(ConfirmReceipts),
+}
+
+async fn run_session(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut inbound: Streaming<ClientFrame>) {
+    let device = handle.device.clone();
+    tracing::debug!(device = %device, "session opened");
+    let welcome = ServerFrame::of(Frame::Welcome(Welcome {
+        device: Some(device.clone()),
+        heartbeat_interval_ms: gateway.config.heartbeat_interval.as_millis() as u32,
+        max_payload_bytes: gateway.config.max_payload_bytes as u32,
+    }));
+    if handle.outbound.send(welcome).await.is_err() {
+        gateway.sessions.remove(&device, handle.session_id);
+        return;
+    }
+
+    let (ops, ops_rx) = mpsc::channel(OPS_QUEUE);
+    let worker = tokio::spawn(run_ops(gateway.clone(), handle.clone(), ops_rx));
+    let sync = tokio::spawn(sync_backlog(gateway.clone(), handle.clone()));
+    let mut watch: Option<tokio::task::JoinHandle<()>> = None;
+
+    let interval = gateway.config.heartbeat_interval;
+    let deadline_ms = (interval * gateway.config.missed_beats).as_millis() as u64;
+    let mut watchdog = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = handle.cancel.cancelled() => break,
+            _ = watchdog.tick() => {
+                let silent_ms = now_ms().saturating_sub(
+                    handle.last_activity_ms.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                if silent_ms > deadline_ms {
+                    handle.terminate(Status::deadline_exceeded("missed heartbeats"));
+                    break;
+                }
+            }
+            frame = inbound.message() => match frame {
+                Ok(Some(frame)) => {
+                    handle.touch();
+                    if !handle_frame(&gateway, &handle, frame, &ops, &mut watch).await {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(device = %device, %status, "device stream failed");
+                    break;
+                }
+            },
+        }
+    }
+
+    drop(ops);
+    sync.abort();
+    if let Some(watch) = watch {
+        watch.abort();
+    }
+    // Let queued sends finish unless the session was cut.
+    let _ = worker.await;
+    gateway.sessions.remove(&device, handle.session_id);
+    if let Err(status) = gateway
+        .presence
+        .clone()
+        .detach(with_deadline(DetachRequest {
+            device: Some(device.clone()),
+            session_id: handle.session_id,
+        }))
+        .await
+    {
+        tracing::warn!(device = %device, %status, "presence detach failed; it will expire");
+    }
+    tracing::debug!(device = %device, "session closed");
+}
+
+/// Returns false when the session should end.
+async fn handle_frame(
+    gateway: &Arc<Gateway>,
+    handle: &Arc<SessionHandle>,
+    frame: ClientFrame,
+    ops: &mpsc::Sender<Op>,
+    watch: &mut Option<tokio::task::JoinHandle<()>>,
+) -> bool {
+    let op = match frame.frame {
+        Some(ClientFrameBody::Heartbeat(_)) => return true,
+        Some(ClientFrameBody::Send(send)) => Op::Send(send),
+        Some(ClientFrameBody::Ack(ack)) => Op::Ack(ack),
+        Some(ClientFrameBody::ConfirmReceipts(confirm)) => Op::Confirm(confirm),
+        Some(ClientFrameBody::Typing(typing)) => {
+            relay_typing(gateway.clone(), handle.device.clone(), typing);
+            return true;
+        }
+        Some(ClientFrameBody::WatchPresence(request)) => {
+            if let Some(previous) = watch.take() {
+                previous.abort();
+            }
+            if !request.user_ids.is_empty() {
+                *watch = Some(tokio::spawn(forward_presence(
+                    gateway.clone(),
+                    handle.clone(),
+                    request.user_ids,
+                )));
+            }
+            return true;
+        }
+        None => {
+            send_frame(
+                handle,
+                ServerFrame::error(Code::InvalidArgument, "empty or unknown frame", vec![]),
+            )
+            .await;
+            return true;
+        }
+    };
+    tokio::select! {
+        _ = handle.cancel.cancelled() => false,
+        sent = ops.send(op) => sent.is_ok(),
+    }
+}
+
+/// Sends a frame to the device, waiting for room; gives up when the session ends.
+async fn send_frame(handle: &SessionHandle, frame: ServerFrame) {
+    tokio::select! {
+        _ = handle.cancel.cancelled() => {}
+        _ = handle.outbound.send(frame) => {}
+    }
+}
+
+async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mpsc::Receiver<Op>) {
+    loop {
+        let op = tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            op = ops.recv() => match op { Some(op) => op, None => return },
+        };
+        let replies = match op {
+            Op::Send(send) => vec![handle_send(&gateway, &handle.device, send).await],
+            Op::Ack(ack) => handle_ack(&gateway, &handle.device, ack).await,
+            Op::Confirm(confirm) => handle_confirm(&gateway, &handle.device, confirm).await,
+        };
+        for reply in replies {
+            send_frame(&handle, reply).await;
+        }
+    }
+}
+
+fn rejected(client_msg_id: String, status: Status) -> ServerFrame {
+    ServerFrame::of(Frame::SendRejected(SendRejected {
+        client_msg_id,
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        recipient_device_ids: vec![],
+    }))
+}
+
+/// Resolves the recipient's devices and has messaging accept the message.
+async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessage) -> ServerFrame {
+    let client_msg_id = send.client_msg_id;
+    if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
+        return rejected(
+            client_msg_id,
+            Status::invalid_argument(format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes")),
+        );
+    }
+    if send.recipient_user_id.is_empty() {
+        return rejected(client_msg_id, Status::invalid_argument("recipient_user_id is required"));
+    }
+    if send.payloads.is_empty() {
+        return rejected(client_msg_id, Status::invalid_argument("a payload is required"));
+    }
+    let limit = gateway.config.max_payload_bytes;
+    if let Some(oversize) = send.payloads.iter().find(|payload| payload.payload.len() > limit) {
+        return rejected(
+            client_msg_id,
+            Status::resource_exhausted(format!(
+                "payload of {} bytes exceeds the {limit} byte limit",
+                oversize.payload.len()
+            )),
+        );
+    }
+    let recipient = match gateway.accounts.get_user(&send.recipient_user_id).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            return rejected(client_msg_id, Status::not_found("unknown recipient"));
+        }
+        Err(error) => return rejected(client_msg_id, error.into()),
+    };
+    let envelopes: Vec<Envelope> = if send.payloads.len() == 1 && send.payloads[0].device_id == 0 {
+        let payload = send.payloads[0].payload.clone();
+        recipient
+            .device_ids
+            .iter()
+            .map(|device_id| Envelope {
+                device_id: *device_id,
+                payload: payload.clone(),
+            })
+            .collect()
+    } else {
+        let addressed: HashSet<u32> = send.payloads.iter().map(|payload| payload.device_id).collect();
+        let current: HashSet<u32> = recipient.device_ids.iter().copied().collect();
+        if addressed != current || addressed.len() != send.payloads.len() {
+            return ServerFrame::of(Frame::SendRejected(SendRejected {
+                client_msg_id,
+                code: Code::FailedPrecondition as i32,
+                message: "payloads must address each of the recipient's devices once".into(),
+                recipient_device_ids: recipient.device_ids,
+            }));
+        }
+        send.payloads
+            .into_iter()
+            .map(|payload| Envelope {
+                device_id: payload.device_id,
+                payload: payload.payload,
+            })
+            .collect()
+    };
+    let request = AcceptRequest {
+        sender: Some(sender.clone()),
+        client_msg_id: client_msg_id.clone(),
+        recipient_user_id: send.recipient_user_id,
+        envelopes,
+    };
+    match gateway.messaging.clone().accept(with_deadline(request)).await {
+        Ok(response) => {
+            let response = response.into_inner();
+            ServerFrame::of(Frame::SendAccepted(SendAccepted {
+                client_msg_id,
+                message_id: response.message_id,
+                sent_at_ms: response.sent_at_ms,
+                duplicate: response.duplicate,
+            }))
+        }
+        Err(status) => {
+            let status = match status.code() {
+                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => status,
+                _ => {
+                    tracing::warn!(%status, "messaging accept failed");
+                    Status::unavailable("message not stored, resend with the same client_msg_id")
+                }
+            };
+            rejected(client_msg_id, status)
+        }
+    }
+}
+
+/// Records receipts with ack, then settles the inbox with messaging.
+async fn handle_ack(gateway: &Gateway, device: &DeviceAddress, ack: Acknowledge) -> Vec<ServerFrame> {
+    let status = match TickStatus::try_from(ack.status) {
+        Ok(status) if status.is_receipt() => status,
+        _ => {
+            return vec![ServerFrame::error(
+                Code::InvalidArgument,
+                "ack status must be DELIVERED or READ",
+                ack.message_ids,
+            )];
+        }
+    };
+    if ack.message_ids.is_empty() || ack.message_ids.len() > MAX_IDS_PER_FRAME {
+        return vec![ServerFrame::error(
+            Code::InvalidArgument,
+            format!("an ack carries 1 to {MAX_IDS_PER_FRAME} message ids"),
+            vec![],
+        )];
+    }
+    let response = match gateway
+        .ack
+        .clone()
+        .acknowledge(with_deadline(AcknowledgeRequest {
+            recipient: Some(device.clone()),
+            status: status as i32,
+            message_ids: ack.message_ids.clone(),
+        }))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            tracing::warn!(%status, "ack unavailable");
+            return vec![ServerFrame::error(
+                Code::Unavailable,
+                "receipts not recorded, send them again",
+                ack.message_ids,
+            )];
+        }
+    };
+    let mut replies = Vec::new();
+    let mut not_found = Vec::new();
+    let mut denied = Vec::new();
+    for rejection in response.rejected {
+        if rejection.code == Code::PermissionDenied as i32 {
+            denied.push(rejection.message_id);
+        } else {
+            not_found.push(rejection.message_id);
+        }
+    }
+    if !denied.is_empty() {
+        replies.push(ServerFrame::error(
+            Code::PermissionDenied,
+            "these messages were not sent to this device",
+            denied,
+        ));
+    }
+    if !not_found.is_empty() {
+        replies.push(ServerFrame::error(Code::NotFound, "unknown messages", not_found));
+    }
+    if !response.accepted.is_empty() {
+        if let Err(status) = gateway
+            .messaging
+            .clone()
+            .settle(with_deadline(SettleRequest {
+                device: Some(device.clone()),
+                status: status as i32,
+                message_ids: response.accepted,
+            }))
+            .await
+        {
+            // The ticks are recorded; the inbox may redeliver, and clients drop copies.
+            tracing::warn!(%status, "settling inbox failed");
+        }
+    }
+    replies
+}
+
+async fn handle_confirm(
+    gateway: &Gateway,
+    device: &DeviceAddress,
+    confirm: ConfirmReceipts,
+) -> Vec<ServerFrame> {
+    if confirm.receipt_ids.is_empty() || confirm.receipt_ids.len() > MAX_IDS_PER_FRAME {
+        return vec![ServerFrame::error(
+            Code::InvalidArgument,
+            format!("a confirmation carries 1 to {MAX_IDS_PER_FRAME} receipt ids"),
+            vec![],
+        )];
+    }
+    match gateway
+        .ack
+        .clone()
+        .confirm_receipts(with_deadline(ConfirmReceiptsRequest {
+            device: Some(device.clone()),
+            receipt_ids: confirm.receipt_ids,
+        }))
+        .await
+    {
+        Ok(_) => vec![],
+        Err(status) => {
+            tracing::warn!(%status, "confirming receipts failed");
+            vec![]
+        }
+    }
+}
+
+/// Attaches the device with presence, sends its backlog and stored receipts, then goes live.
+async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
+    let device = handle.device.clone();
+    if let Err(status) = gateway
+        .presence
+        .clone()
+        .attach(with_deadline(AttachRequest {
+            device: Some(device.clone()),
+            gateway_endpoint: gateway.internal_url.clone(),
+            session_id: handle.session_id,
+        }))
+        .await
+    {
+        tracing::warn!(device = %device, %status, "presence attach failed");
+        handle.terminate(Status::unavailable("presence unavailable, reconnect"));
+        return;
+    }
+    let mut sent_in_backlog = HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = match gateway
+            .messaging
+            .clone()
+            .fetch_backlog(with_deadline(FetchBacklogRequest {
+                device: Some(device.clone()),
+                after_message_id: after,
+                limit: BACKLOG_PAGE,
+            }))
+            .await
+        {
+            Ok(page) => page.into_inner(),
+            Err(status) => {
+                tracing::warn!(device = %device, %status, "backlog unavailable");
+                handle.terminate(Status::unavailable("backlog unavailable, reconnect"));
+                return;
+            }
+        };
+        for message in page.messages {
+            after = after.max(message.message_id);
+            sent_in_backlog.insert(message.message_id);
+            if handle
+                .outbound
+                .send(ServerFrame::of(Frame::Message(message)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let mut receipts_sent = 0u32;
+    let mut after_receipt = 0;
+    loop {
+        let page = match gateway
+            .ack
+            .clone()
+            .fetch_receipts(with_deadline(FetchReceiptsRequest {
+                device: Some(device.clone()),
+                after_receipt_id: after_receipt,
+                limit: BACKLOG_PAGE,
+            }))
+            .await
+        {
+            Ok(page) => page.into_inner(),
+            Err(status) => {
+                tracing::warn!(device = %device, %status, "stored receipts unavailable");
+                handle.terminate(Status::unavailable("receipts unavailable, reconnect"));
+                return;
+            }
+        };
+        for receipt in page.receipts {
+            after_receipt = after_receipt.max(receipt.receipt_id);
+            receipts_sent += 1;
+            if handle
+                .outbound
+                .send(ServerFrame::of(Frame::Receipt(receipt)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if !page.more {
+            break;
+        }
+    }
+    let done = ServerFrame::of(Frame::BacklogDone(BacklogDone {
+        messages: sent_in_backlog.len() as u32,
+        receipts: receipts_sent,
+    }));
+    if handle.outbound.send(done).await.is_err() {
+        return;
+    }
+    gateway.sessions.go_live(&handle, &sent_in_backlog).await;
+}
+
+fn relay_typing(gateway: Arc<Gateway>, sender: DeviceAddress, typing: TypingNotice) {
+    if typing.recipient_user_id.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let frame = ServerFrame::of(Frame::Typing(Typing {
+            sender: Some(sender),
+            active: typing.active,
+        }));
+        if let Err(status) = gateway
+            .messaging
+            .clone()
+            .relay(with_deadline(RelayRequest {
+                recipient_user_id: typing.recipient_user_id,
+                frame: Some(frame),
+            }))
+            .await
+        {
+            tracing::debug!(%status, "typing relay failed");
+        }
+    });
+}
+
+/// Forwards presence changes of `user_ids` to the device until aborted.
+async fn forward_presence(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, user_ids: Vec<String>) {
+    let mut stream = match gateway.watch_presence(&handle.device.user_id, user_ids).await {
+        Ok(stream) => stream,
+        Err(status) => {
+            send_frame(
+                &handle,
+                ServerFrame::error(status.code(), status.message().to_string(), vec![]),
+            )
+            .await;
+            return;
+        }
+    };
+    loop {
+        let state = tokio::select! {
+            _ = handle.cancel.cancelled() => return,
+            state = stream.message() => state,
+        };
+        match state {
+            Ok(Some(state)) => send_frame(&handle, ServerFrame::of(Frame::Presence(state))).await,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(%status, "presence watch ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Reports the sessions that showed activity to presence every heartbeat interval, so
+/// presence keeps their routes and last seen fresh.
+pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(gateway.config.heartbeat_interval);
+    let mut last_report_ms = 0;
+    loop {
+        tokio::select! {
+            _ = gateway.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let sessions: Vec<SessionRef> = gateway
+            .sessions
+            .snapshot()
+            .into_iter()
+            .filter(|(_, _, last_activity)| *last_activity >= last_report_ms)
+            .map(|(device, session_id, _)| SessionRef {
+                device: Some(device),
+                session_id,
+            })
+            .collect();
+        last_report_ms = now;
+        if sessions.is_empty() {
+            continue;
+        }
+        for chunk in sessions.chunks(10_000) {
+            if let Err(status) = gateway
+                .presence
+                .clone()
+                .heartbeats(with_deadline(HeartbeatsRequest {
+                    gateway_endpoint: gateway.internal_url.clone(),
+                    sessions: chunk.to_vec(),
+                }))
+                .await
+            {
+                tracing::warn!(%status, "heartbeat report failed");
+            }
+        }
+        tracing::trace!(connected = gateway.sessions.len(), "heartbeats reported");
+    }
+}

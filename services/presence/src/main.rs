@@ -1,0 +1,35 @@
+//! `bluetick-presence`: runs the presence service alone.
+
+use std::time::Duration;
+
+use bluetick_presence::{PresenceConfig, serve};
+use clap::Parser;
+
+/// The bluetick presence service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "BLUETICK_PRESENCE_LISTEN", default_value = "127.0.0.1:7703")]
+    listen: String,
+    /// Store URL: a directory for the embedded store.
+    #[arg(long, env = "BLUETICK_STORE", default_value = "./data/presence")]
+    store: String,
+    /// Expected heartbeat interval in milliseconds.
+    #[arg(long, env = "BLUETICK_HEARTBEAT_MS", default_value_t = 5_000)]
+    heartbeat_ms: u64,
+    /// Log JSON lines.
+    #[arg(long, env = "BLUETICK_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    bluetick_common::telemetry::init_tracing(args.log_json);
+    let mut config = PresenceConfig::new(args.store);
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "presence listening");
+    serve(config, listener, bluetick_common::telemetry::shutdown_on_signals()).await
+}
