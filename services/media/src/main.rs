@@ -1,0 +1,66 @@
+//! `bluetick-media`: the media service binary. Flags fall back to environment variables.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use bluetick_common::telemetry::{init_tracing, shutdown_on_signals};
+use bluetick_media::{DEFAULT_MAX_UPLOAD_BYTES, MediaConfig, SHUTDOWN_GRACE, serve};
+use clap::Parser;
+
+/// bluetick media: content-addressed blobs over gRPC and plain HTTP on one port.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (gRPC and HTTP).
+    #[arg(long, env = "BLUETICK_MEDIA_LISTEN", default_value = "127.0.0.1:7704")]
+    listen: SocketAddr,
+    /// Blob store: a folder path (later also `s3://bucket?endpoint=…`).
+    #[arg(long, env = "BLUETICK_MEDIA_BLOBS", default_value = "./data/media")]
+    blobs: String,
+    /// The gateway's internal gRPC endpoint, used to check upload tokens.
+    #[arg(
+        long,
+        env = "BLUETICK_GATEWAY_INTERNAL_URL",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    gateway_url: String,
+    /// Largest accepted upload, in bytes.
+    #[arg(long, env = "BLUETICK_MEDIA_MAX_UPLOAD_BYTES", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
+    max_upload_bytes: u64,
+    /// Seconds an accepted upload token is trusted without asking the gateway again.
+    #[arg(long, env = "BLUETICK_MEDIA_AUTH_CACHE_TTL_SECS", default_value_t = 30)]
+    auth_cache_ttl_secs: u64,
+    /// Log JSON lines instead of plain text.
+    #[arg(long, env = "BLUETICK_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let config = MediaConfig {
+        blob_url: args.blobs,
+        gateway_url: args.gateway_url,
+        max_upload_bytes: args.max_upload_bytes,
+        auth_cache_ttl_secs: args.auth_cache_ttl_secs,
+        ..MediaConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to bind {}", args.listen))?;
+    let shutdown = shutdown_on_signals();
+    let server = tokio::spawn(serve(config, listener, shutdown.clone()));
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.context("media server task failed")?,
+        () = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(result) => result.context("media server task failed")?,
+        Err(_) => {
+            tracing::warn!("transfers did not drain in time, exiting");
+            Ok(())
+        }
+    }
+}
