@@ -1,0 +1,112 @@
+//! The harness of bluetick's end-to-end tests: an in-process [`TestCluster`] (the same
+//! wiring as `make run`, on ephemeral loopback ports, data in a temporary directory) and
+//! helpers to register users and open chat sessions through the client SDK.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bluetick_client::{BluetickClient, ChatConfig, ChatEvents, ChatHandle, Credentials, register};
+use bluetick_dev::{DevCluster, DevConfig, Endpoints, Ports};
+
+/// Patience for anything the tests wait for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running in-process cluster with its data directory.
+#[derive(Debug)]
+pub struct TestCluster {
+    cluster: Option<DevCluster>,
+    pub endpoints: Endpoints,
+    pub config: DevConfig,
+    /// Keeps the data directory alive as long as the cluster (and for checks after it).
+    _data: Option<tempfile::TempDir>,
+    data_dir: PathBuf,
+}
+
+impl TestCluster {
+    /// Starts a cluster with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a cluster after `adjust` changed its configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut DevConfig)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = DevConfig::new(data.path());
+        config.ports = Ports::EPHEMERAL;
+        adjust(&mut config);
+        let data_dir = config.data_dir.clone();
+        let cluster = DevCluster::start(config.clone()).await.unwrap();
+        Self {
+            endpoints: cluster.endpoints.clone(),
+            cluster: Some(cluster),
+            config,
+            _data: Some(data),
+            data_dir,
+        }
+    }
+
+    /// The data directory (embedded stores under `gateway/`, `messaging/`, `ack/`,
+    /// `presence/`, blobs under `media/`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops every service and waits until they released their stores.
+    pub async fn stop(&mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await.unwrap();
+        }
+    }
+
+    /// Registers a user with a unique handle starting with `prefix`.
+    pub async fn user(&self, prefix: &str) -> Credentials {
+        let user_id = format!("{prefix}{}", rand::random::<u32>());
+        register(
+            &self.endpoints.gateway,
+            &self.endpoints.media,
+            &user_id,
+            prefix,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Opens a chat session with `config` and waits for Connected and BacklogDone.
+    pub async fn connect_with(
+        &self,
+        credentials: &Credentials,
+        config: ChatConfig,
+    ) -> (BluetickClient, ChatHandle, ChatEvents) {
+        let client = BluetickClient::new(credentials.clone()).unwrap();
+        let (handle, events) = client.open_chat(config).await.unwrap();
+        (client, handle, events)
+    }
+
+    /// Opens a chat session with the SDK defaults.
+    pub async fn connect(
+        &self,
+        credentials: &Credentials,
+    ) -> (BluetickClient, ChatHandle, ChatEvents) {
+        self.connect_with(credentials, ChatConfig::default()).await
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -37,7 +37,10 @@ impl IdGenerator {
     pub fn next_id(&self) -> u64 {
         let now = crate::now_ms().saturating_sub(EPOCH_MS);
         let candidate = (now << (NODE_BITS + SEQUENCE_BITS)) | (self.node_id << SEQUENCE_BITS);
-        let mut last = self.last.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let id = if candidate > *last {
             candidate
         } else {

@@ -135,8 +135,7 @@ impl DevCluster {
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
         let host = config.host.as_str();
         let (gateway_listener, gateway_addr) = bind(host, config.ports.gateway).await?;
-        let (internal_listener, internal_addr) =
-            bind(host, config.ports.gateway_internal).await?;
+        let (internal_listener, internal_addr) = bind(host, config.ports.gateway_internal).await?;
         let (messaging_listener, messaging_addr) = bind(host, config.ports.messaging).await?;
         let (ack_listener, ack_addr) = bind(host, config.ports.ack).await?;
         let (presence_listener, presence_addr) = bind(host, config.ports.presence).await?;
@@ -159,9 +158,10 @@ impl DevCluster {
             media: media_addr.port(),
         };
         let store = |name: &str| {
-            config.store_url.clone().unwrap_or_else(|| {
-                config.data_dir.join(name).to_string_lossy().into_owned()
-            })
+            config
+                .store_url
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join(name).to_string_lossy().into_owned())
         };
 
         let shutdown = CancellationToken::new();
@@ -182,7 +182,11 @@ impl DevCluster {
         ack.node_id = 1;
         tasks.push((
             "ack",
-            tokio::spawn(bluetick_ack::serve(ack, ack_listener, shutdown.child_token())),
+            tokio::spawn(bluetick_ack::serve(
+                ack,
+                ack_listener,
+                shutdown.child_token(),
+            )),
         ));
 
         let mut messaging = MessagingConfig::new(
@@ -221,16 +225,21 @@ impl DevCluster {
         ));
 
         let media = MediaConfig {
-            blob_url: config.media_url.clone().unwrap_or_else(|| {
-                config.data_dir.join("media").to_string_lossy().into_owned()
-            }),
+            blob_url: config
+                .media_url
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("media").to_string_lossy().into_owned()),
             gateway_url: endpoints.gateway_internal.clone(),
             max_upload_bytes: config.max_upload_bytes,
             ..MediaConfig::default()
         };
         tasks.push((
             "media",
-            tokio::spawn(bluetick_media::serve(media, media_listener, shutdown.child_token())),
+            tokio::spawn(bluetick_media::serve(
+                media,
+                media_listener,
+                shutdown.child_token(),
+            )),
         ));
 
         Ok(Self {
@@ -266,7 +275,11 @@ impl DevCluster {
                 Err(join_error) => Err(anyhow::anyhow!("task panicked: {join_error}")),
             };
             if let Err(error) = service_result {
-                tracing::error!(service = name, error = format!("{error:#}"), "service failed");
+                tracing::error!(
+                    service = name,
+                    error = format!("{error:#}"),
+                    "service failed"
+                );
                 if result.is_ok() {
                     result = Err(error.context(format!("{name} failed")));
                 }
@@ -293,8 +306,7 @@ async fn futures_select_all<F: std::future::Future + Unpin>(
     let mut futures = futures;
     std::future::poll_fn(move |cx| {
         for index in 0..futures.len() {
-            if let std::task::Poll::Ready(output) =
-                std::pin::Pin::new(&mut futures[index]).poll(cx)
+            if let std::task::Poll::Ready(output) = std::pin::Pin::new(&mut futures[index]).poll(cx)
             {
                 let _finished = futures.swap_remove(index);
                 return std::task::Poll::Ready((output, index, std::mem::take(&mut futures)));

@@ -14,7 +14,11 @@ struct Args {
     #[arg(long, env = "BLUETICK_STORE", default_value = "./data/ack")]
     store: String,
     /// The presence service.
-    #[arg(long, env = "BLUETICK_PRESENCE_URL", default_value = "http://127.0.0.1:7703")]
+    #[arg(
+        long,
+        env = "BLUETICK_PRESENCE_URL",
+        default_value = "http://127.0.0.1:7703"
+    )]
     presence_url: String,
     /// This instance's id (0-1023), unique among ack instances.
     #[arg(long, env = "BLUETICK_NODE_ID", default_value_t = 0)]
@@ -32,5 +36,10 @@ async fn main() -> anyhow::Result<()> {
     config.node_id = args.node_id;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "ack listening");
-    serve(config, listener, bluetick_common::telemetry::shutdown_on_signals()).await
+    serve(
+        config,
+        listener,
+        bluetick_common::telemetry::shutdown_on_signals(),
+    )
+    .await
 }

@@ -52,7 +52,10 @@ impl Gateway {
     ///
     /// # Errors
     /// UNAUTHENTICATED for a missing or unknown token; UNAVAILABLE if the store is down.
-    pub(crate) async fn authenticate(&self, metadata: &MetadataMap) -> Result<DeviceAddress, Status> {
+    pub(crate) async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<DeviceAddress, Status> {
         let token = bearer_token(metadata)?;
         self.authenticate_token(token).await
     }
@@ -79,11 +82,16 @@ impl AccountsService {
 
 #[tonic::async_trait]
 impl Accounts for AccountsService {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let request = request.into_inner();
         validate_user_id(&request.user_id)?;
         if request.display_name.chars().count() > 64 {
-            return Err(Status::invalid_argument("display_name is at most 64 characters"));
+            return Err(Status::invalid_argument(
+                "display_name is at most 64 characters",
+            ));
         }
         let token = new_token();
         self.gateway
@@ -148,7 +156,9 @@ impl KeysService {
 
 fn check_key(bytes: &[u8], length: usize, what: &str) -> Result<(), Status> {
     if bytes.len() != length {
-        return Err(Status::invalid_argument(format!("{what} must be {length} bytes")));
+        return Err(Status::invalid_argument(format!(
+            "{what} must be {length} bytes"
+        )));
     }
     Ok(())
 }
@@ -281,7 +291,11 @@ impl Keys for KeysService {
         request: Request<CountPreKeysRequest>,
     ) -> Result<Response<CountPreKeysResponse>, Status> {
         let caller = self.gateway.authenticate(request.metadata()).await?;
-        let left = self.gateway.accounts.count_one_time_prekeys(&caller).await?;
+        let left = self
+            .gateway
+            .accounts
+            .count_one_time_prekeys(&caller)
+            .await?;
         Ok(Response::new(CountPreKeysResponse {
             one_time_prekeys_left: left,
         }))

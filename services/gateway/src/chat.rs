@@ -24,9 +24,7 @@ use bluetick_proto::gateway::v1::*;
 use bluetick_proto::messaging::v1::{
     AcceptRequest, Envelope, FetchBacklogRequest, RelayRequest, SettleRequest,
 };
-use bluetick_proto::presence::v1::{
-    AttachRequest, DetachRequest, HeartbeatsRequest, SessionRef,
-};
+use bluetick_proto::presence::v1::{AttachRequest, DetachRequest, HeartbeatsRequest, SessionRef};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -88,7 +86,10 @@ impl Chat for ChatService {
 
 /// The frames of a session, ending with the session's termination status if it was ended
 /// by the server (slow device, missed heartbeats, replaced, shutdown).
-fn response_stream(receiver: mpsc::Receiver<ServerFrame>, handle: Arc<SessionHandle>) -> FrameStream {
+fn response_stream(
+    receiver: mpsc::Receiver<ServerFrame>,
+    handle: Arc<SessionHandle>,
+) -> FrameStream {
     let cancel = handle.cancel.clone();
     Box::pin(futures::stream::unfold(
         (receiver, cancel, handle, false),
@@ -122,7 +123,11 @@ enum Op {
     Confirm(ConfirmReceipts),
 }
 
-async fn run_session(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut inbound: Streaming<ClientFrame>) {
+async fn run_session(
+    gateway: Arc<Gateway>,
+    handle: Arc<SessionHandle>,
+    mut inbound: Streaming<ClientFrame>,
+) {
     let device = handle.device.clone();
     tracing::debug!(device = %device, "session opened");
     let welcome = ServerFrame::of(Frame::Welcome(Welcome {
@@ -278,17 +283,29 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
     if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
         return rejected(
             client_msg_id,
-            Status::invalid_argument(format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes")),
+            Status::invalid_argument(format!(
+                "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"
+            )),
         );
     }
     if send.recipient_user_id.is_empty() {
-        return rejected(client_msg_id, Status::invalid_argument("recipient_user_id is required"));
+        return rejected(
+            client_msg_id,
+            Status::invalid_argument("recipient_user_id is required"),
+        );
     }
     if send.payloads.is_empty() {
-        return rejected(client_msg_id, Status::invalid_argument("a payload is required"));
+        return rejected(
+            client_msg_id,
+            Status::invalid_argument("a payload is required"),
+        );
     }
     let limit = gateway.config.max_payload_bytes;
-    if let Some(oversize) = send.payloads.iter().find(|payload| payload.payload.len() > limit) {
+    if let Some(oversize) = send
+        .payloads
+        .iter()
+        .find(|payload| payload.payload.len() > limit)
+    {
         return rejected(
             client_msg_id,
             Status::resource_exhausted(format!(
@@ -315,7 +332,11 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
             })
             .collect()
     } else {
-        let addressed: HashSet<u32> = send.payloads.iter().map(|payload| payload.device_id).collect();
+        let addressed: HashSet<u32> = send
+            .payloads
+            .iter()
+            .map(|payload| payload.device_id)
+            .collect();
         let current: HashSet<u32> = recipient.device_ids.iter().copied().collect();
         if addressed != current || addressed.len() != send.payloads.len() {
             return ServerFrame::of(Frame::SendRejected(SendRejected {
@@ -339,7 +360,12 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
         recipient_user_id: send.recipient_user_id,
         envelopes,
     };
-    match gateway.messaging.clone().accept(with_deadline(request)).await {
+    match gateway
+        .messaging
+        .clone()
+        .accept(with_deadline(request))
+        .await
+    {
         Ok(response) => {
             let response = response.into_inner();
             ServerFrame::of(Frame::SendAccepted(SendAccepted {
@@ -363,7 +389,11 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
 }
 
 /// Records receipts with ack, then settles the inbox with messaging.
-async fn handle_ack(gateway: &Gateway, device: &DeviceAddress, ack: Acknowledge) -> Vec<ServerFrame> {
+async fn handle_ack(
+    gateway: &Gateway,
+    device: &DeviceAddress,
+    ack: Acknowledge,
+) -> Vec<ServerFrame> {
     let status = match TickStatus::try_from(ack.status) {
         Ok(status) if status.is_receipt() => status,
         _ => {
@@ -419,7 +449,11 @@ async fn handle_ack(gateway: &Gateway, device: &DeviceAddress, ack: Acknowledge)
         ));
     }
     if !not_found.is_empty() {
-        replies.push(ServerFrame::error(Code::NotFound, "unknown messages", not_found));
+        replies.push(ServerFrame::error(
+            Code::NotFound,
+            "unknown messages",
+            not_found,
+        ));
     }
     if !response.accepted.is_empty() {
         if let Err(status) = gateway
@@ -591,8 +625,15 @@ fn relay_typing(gateway: Arc<Gateway>, sender: DeviceAddress, typing: TypingNoti
 }
 
 /// Forwards presence changes of `user_ids` to the device until aborted.
-async fn forward_presence(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, user_ids: Vec<String>) {
-    let mut stream = match gateway.watch_presence(&handle.device.user_id, user_ids).await {
+async fn forward_presence(
+    gateway: Arc<Gateway>,
+    handle: Arc<SessionHandle>,
+    user_ids: Vec<String>,
+) {
+    let mut stream = match gateway
+        .watch_presence(&handle.device.user_id, user_ids)
+        .await
+    {
         Ok(stream) => stream,
         Err(status) => {
             send_frame(

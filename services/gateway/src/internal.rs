@@ -21,12 +21,17 @@ impl InternalService {
 
 #[tonic::async_trait]
 impl GatewayInternal for InternalService {
-    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+    async fn deliver(
+        &self,
+        request: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
         let capacity = self.gateway.config.device_queue_capacity;
         let mut not_connected = Vec::new();
         for (index, delivery) in request.into_inner().deliveries.into_iter().enumerate() {
             let (Some(device), Some(frame)) = (delivery.device, delivery.frame) else {
-                return Err(Status::invalid_argument("every delivery needs a device and a frame"));
+                return Err(Status::invalid_argument(
+                    "every delivery needs a device and a frame",
+                ));
             };
             if !self.gateway.sessions.deliver(&device, frame, capacity) {
                 not_connected.push(index as u32);

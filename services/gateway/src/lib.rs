@@ -155,7 +155,12 @@ pub async fn serve(
         accept_http1: false,
     };
     let result = tokio::try_join!(
-        serve_grpc(public_spec, public_listener, public_routes, shutdown.clone()),
+        serve_grpc(
+            public_spec,
+            public_listener,
+            public_routes,
+            shutdown.clone()
+        ),
         serve_grpc(
             internal_spec,
             internal_listener,

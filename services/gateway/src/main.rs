@@ -10,10 +10,18 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Address of the public API (clients).
-    #[arg(long, env = "BLUETICK_GATEWAY_LISTEN", default_value = "127.0.0.1:7700")]
+    #[arg(
+        long,
+        env = "BLUETICK_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:7700"
+    )]
     listen: String,
     /// Address of the internal API (other services only).
-    #[arg(long, env = "BLUETICK_GATEWAY_INTERNAL_LISTEN", default_value = "127.0.0.1:7710")]
+    #[arg(
+        long,
+        env = "BLUETICK_GATEWAY_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:7710"
+    )]
     internal_listen: String,
     /// Internal URL other services use to reach this instance (default: from the listener).
     #[arg(long, env = "BLUETICK_GATEWAY_ADVERTISE_URL", default_value = "")]
@@ -22,13 +30,25 @@ struct Args {
     #[arg(long, env = "BLUETICK_STORE", default_value = "./data/gateway")]
     store: String,
     /// The messaging service.
-    #[arg(long, env = "BLUETICK_MESSAGING_URL", default_value = "http://127.0.0.1:7701")]
+    #[arg(
+        long,
+        env = "BLUETICK_MESSAGING_URL",
+        default_value = "http://127.0.0.1:7701"
+    )]
     messaging_url: String,
     /// The ack service.
-    #[arg(long, env = "BLUETICK_ACK_URL", default_value = "http://127.0.0.1:7702")]
+    #[arg(
+        long,
+        env = "BLUETICK_ACK_URL",
+        default_value = "http://127.0.0.1:7702"
+    )]
     ack_url: String,
     /// The presence service.
-    #[arg(long, env = "BLUETICK_PRESENCE_URL", default_value = "http://127.0.0.1:7703")]
+    #[arg(
+        long,
+        env = "BLUETICK_PRESENCE_URL",
+        default_value = "http://127.0.0.1:7703"
+    )]
     presence_url: String,
     /// Heartbeat interval in milliseconds.
     #[arg(long, env = "BLUETICK_HEARTBEAT_MS", default_value_t = 5_000)]
@@ -57,5 +77,11 @@ async fn main() -> anyhow::Result<()> {
     let public = tokio::net::TcpListener::bind(&args.listen).await?;
     let internal = tokio::net::TcpListener::bind(&args.internal_listen).await?;
     tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "gateway listening");
-    serve(config, public, internal, bluetick_common::telemetry::shutdown_on_signals()).await
+    serve(
+        config,
+        public,
+        internal,
+        bluetick_common::telemetry::shutdown_on_signals(),
+    )
+    .await
 }

@@ -90,9 +90,9 @@ impl Presence for PresenceApi {
             .watch_presence(&caller.user_id, request.into_inner().user_ids)
             .await?;
         let shutdown = self.gateway.shutdown.clone();
-        Ok(Response::new(Box::pin(
-            stream.take_until(async move { shutdown.cancelled_owned().await }),
-        )))
+        Ok(Response::new(Box::pin(stream.take_until(async move {
+            shutdown.cancelled_owned().await
+        }))))
     }
 
     async fn set_privacy(

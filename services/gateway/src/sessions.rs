@@ -93,9 +93,9 @@ impl Sessions {
             },
         );
         if let Some(previous) = previous {
-            previous
-                .handle
-                .terminate(Status::aborted("replaced by a newer connection of this device"));
+            previous.handle.terminate(Status::aborted(
+                "replaced by a newer connection of this device",
+            ));
         }
     }
 
@@ -112,7 +112,12 @@ impl Sessions {
 
     /// Queues a frame for a connected device. Returns false if the device is not connected
     /// here. A device whose queue is full is disconnected.
-    pub(crate) fn deliver(&self, device: &DeviceAddress, frame: ServerFrame, capacity: usize) -> bool {
+    pub(crate) fn deliver(
+        &self,
+        device: &DeviceAddress,
+        frame: ServerFrame,
+        capacity: usize,
+    ) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(device) else {
             return false;
@@ -145,7 +150,11 @@ impl Sessions {
     /// already carried), then switches the session to live delivery.
     ///
     /// Returns false if the session ended first.
-    pub(crate) async fn go_live(&self, handle: &SessionHandle, sent_in_backlog: &HashSet<u64>) -> bool {
+    pub(crate) async fn go_live(
+        &self,
+        handle: &SessionHandle,
+        sent_in_backlog: &HashSet<u64>,
+    ) -> bool {
         loop {
             let buffered = {
                 let mut entries = self.lock();

@@ -10,16 +10,28 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "BLUETICK_MESSAGING_LISTEN", default_value = "127.0.0.1:7701")]
+    #[arg(
+        long,
+        env = "BLUETICK_MESSAGING_LISTEN",
+        default_value = "127.0.0.1:7701"
+    )]
     listen: String,
     /// Store URL: a directory for the embedded store.
     #[arg(long, env = "BLUETICK_STORE", default_value = "./data/messaging")]
     store: String,
     /// The ack service.
-    #[arg(long, env = "BLUETICK_ACK_URL", default_value = "http://127.0.0.1:7702")]
+    #[arg(
+        long,
+        env = "BLUETICK_ACK_URL",
+        default_value = "http://127.0.0.1:7702"
+    )]
     ack_url: String,
     /// The presence service.
-    #[arg(long, env = "BLUETICK_PRESENCE_URL", default_value = "http://127.0.0.1:7703")]
+    #[arg(
+        long,
+        env = "BLUETICK_PRESENCE_URL",
+        default_value = "http://127.0.0.1:7703"
+    )]
     presence_url: String,
     /// Days an unread message is kept.
     #[arg(long, env = "BLUETICK_MESSAGE_TTL_DAYS", default_value_t = 30)]
@@ -45,5 +57,10 @@ async fn main() -> anyhow::Result<()> {
     config.node_id = args.node_id;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "messaging listening");
-    serve(config, listener, bluetick_common::telemetry::shutdown_on_signals()).await
+    serve(
+        config,
+        listener,
+        bluetick_common::telemetry::shutdown_on_signals(),
+    )
+    .await
 }

@@ -93,7 +93,9 @@ impl Inner {
             return Err(Status::invalid_argument("recipient_user_id is required"));
         }
         if request.envelopes.is_empty() {
-            return Err(Status::invalid_argument("at least one envelope is required"));
+            return Err(Status::invalid_argument(
+                "at least one envelope is required",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for envelope in &request.envelopes {
@@ -149,14 +151,20 @@ impl Inner {
 #[tonic::async_trait]
 impl Messaging for MessagingService {
     #[tracing::instrument(skip_all)]
-    async fn accept(&self, request: Request<AcceptRequest>) -> Result<Response<AcceptResponse>, Status> {
+    async fn accept(
+        &self,
+        request: Request<AcceptRequest>,
+    ) -> Result<Response<AcceptResponse>, Status> {
         let inner = &self.inner;
         let request = request.into_inner();
         let sender = inner.validate(&request)?;
         let message_id = inner.ids.next_id();
         let sent_at_ms = now_ms();
-        let recipient_device_ids: Vec<u32> =
-            request.envelopes.iter().map(|envelope| envelope.device_id).collect();
+        let recipient_device_ids: Vec<u32> = request
+            .envelopes
+            .iter()
+            .map(|envelope| envelope.device_id)
+            .collect();
         let record = AcceptRecord {
             message_id,
             sender: sender.clone(),
@@ -240,7 +248,10 @@ impl Messaging for MessagingService {
         }))
     }
 
-    async fn settle(&self, request: Request<SettleRequest>) -> Result<Response<SettleResponse>, Status> {
+    async fn settle(
+        &self,
+        request: Request<SettleRequest>,
+    ) -> Result<Response<SettleResponse>, Status> {
         let request = request.into_inner();
         let device = required_device(request.device, "device")?;
         if request.message_ids.len() > MAX_SETTLE {
@@ -255,13 +266,21 @@ impl Messaging for MessagingService {
                     .mark_delivered(&device, &request.message_ids)
                     .await?
             }
-            Ok(TickStatus::Read) => self.inner.inbox.remove(&device, &request.message_ids).await?,
+            Ok(TickStatus::Read) => {
+                self.inner
+                    .inbox
+                    .remove(&device, &request.message_ids)
+                    .await?
+            }
             _ => return Err(Status::invalid_argument("status must be DELIVERED or READ")),
         }
         Ok(Response::new(SettleResponse {}))
     }
 
-    async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<RelayResponse>, Status> {
+    async fn relay(
+        &self,
+        request: Request<RelayRequest>,
+    ) -> Result<Response<RelayResponse>, Status> {
         let request = request.into_inner();
         if request.recipient_user_id.is_empty() {
             return Err(Status::invalid_argument("recipient_user_id is required"));

@@ -10,7 +10,11 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "BLUETICK_PRESENCE_LISTEN", default_value = "127.0.0.1:7703")]
+    #[arg(
+        long,
+        env = "BLUETICK_PRESENCE_LISTEN",
+        default_value = "127.0.0.1:7703"
+    )]
     listen: String,
     /// Store URL: a directory for the embedded store.
     #[arg(long, env = "BLUETICK_STORE", default_value = "./data/presence")]
@@ -31,5 +35,10 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "presence listening");
-    serve(config, listener, bluetick_common::telemetry::shutdown_on_signals()).await
+    serve(
+        config,
+        listener,
+        bluetick_common::telemetry::shutdown_on_signals(),
+    )
+    .await
 }

@@ -42,7 +42,10 @@ fn required_user(user_id: &str, field: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Presence for PresenceService {
-    async fn attach(&self, request: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+    async fn attach(
+        &self,
+        request: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
         let request = request.into_inner();
         let device = required_device(request.device)?;
         if request.gateway_endpoint.is_empty() {
@@ -54,7 +57,10 @@ impl Presence for PresenceService {
         Ok(Response::new(AttachResponse {}))
     }
 
-    async fn detach(&self, request: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
+    async fn detach(
+        &self,
+        request: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
         let request = request.into_inner();
         let device = required_device(request.device)?;
         self.state.detach(&device, request.session_id).await;
@@ -77,7 +83,10 @@ impl Presence for PresenceService {
         Ok(Response::new(HeartbeatsResponse {}))
     }
 
-    async fn locate(&self, request: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+    async fn locate(
+        &self,
+        request: Request<LocateRequest>,
+    ) -> Result<Response<LocateResponse>, Status> {
         let request = request.into_inner();
         Ok(Response::new(LocateResponse {
             routes: self.state.locate(&request.user_ids),
@@ -102,7 +111,10 @@ impl Presence for PresenceService {
 
     type WatchStream = ReceiverStream<Result<bluetick_proto::common::v1::PresenceState, Status>>;
 
-    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         required_user(&request.requester_user_id, "requester_user_id")?;
         if request.user_ids.len() > MAX_WATCHED_USERS {
@@ -113,7 +125,11 @@ impl Presence for PresenceService {
         let (sender, receiver) = mpsc::channel(request.user_ids.len() + 64);
         let current = self
             .state
-            .watch(&request.requester_user_id, &request.user_ids, sender.clone())
+            .watch(
+                &request.requester_user_id,
+                &request.user_ids,
+                sender.clone(),
+            )
             .await?;
         for state in current {
             // The channel has room for every initial state.

@@ -72,7 +72,12 @@ impl PresenceState {
     }
 
     /// Records a device as connected at `gateway_endpoint`.
-    pub(crate) async fn attach(&self, device: &DeviceAddress, gateway_endpoint: &str, session_id: u64) {
+    pub(crate) async fn attach(
+        &self,
+        device: &DeviceAddress,
+        gateway_endpoint: &str,
+        session_id: u64,
+    ) {
         let now = now_ms();
         let transition = {
             let mut tables = self.tables();
@@ -130,7 +135,11 @@ impl PresenceState {
 
     /// Refreshes routes from a gateway's heartbeat batch, re-creating routes this instance
     /// did not know (after a presence restart).
-    pub(crate) async fn heartbeats(&self, gateway_endpoint: &str, sessions: Vec<(DeviceAddress, u64)>) {
+    pub(crate) async fn heartbeats(
+        &self,
+        gateway_endpoint: &str,
+        sessions: Vec<(DeviceAddress, u64)>,
+    ) {
         let now = now_ms();
         let mut transitions = Vec::new();
         {
@@ -138,11 +147,13 @@ impl PresenceState {
             for (device, session_id) in sessions {
                 let devices = tables.routes.entry(device.user_id.clone()).or_default();
                 let was_offline = devices.is_empty();
-                let route = devices.entry(device.device_id).or_insert_with(|| DeviceRoute {
-                    gateway_endpoint: gateway_endpoint.to_string(),
-                    session_id,
-                    last_beat_ms: now,
-                });
+                let route = devices
+                    .entry(device.device_id)
+                    .or_insert_with(|| DeviceRoute {
+                        gateway_endpoint: gateway_endpoint.to_string(),
+                        session_id,
+                        last_beat_ms: now,
+                    });
                 if route.session_id == session_id {
                     route.last_beat_ms = now;
                     route.gateway_endpoint = gateway_endpoint.to_string();
