@@ -1,6 +1,9 @@
 //! The media service over real sockets: a tonic client and a hyper HTTP/1.1 client against
 //! `serve` on an ephemeral port, with a small real `GatewayInternal` server checking tokens.
 
+// The harness helpers below are test code like the `#[test]` bodies clippy.toml exempts.
+#![allow(clippy::unwrap_used)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -323,7 +326,7 @@ fn http_get(
     builder.body(full_body(Bytes::new())).unwrap()
 }
 
-fn header<'a>(parts: &'a http::response::Parts, name: http::header::HeaderName) -> &'a str {
+fn header(parts: &http::response::Parts, name: http::header::HeaderName) -> &str {
     parts
         .headers
         .get(&name)
