@@ -143,6 +143,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
+    env.setdefault("NO_COLOR", "1")  # plain text in cluster.log
     timeout_s = float(os.environ.get("BLUETICK_CLUSTER_START_TIMEOUT_S", "90"))
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
