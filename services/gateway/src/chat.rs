@@ -190,6 +190,9 @@ async fn run_session(
         .detach(with_deadline(DetachRequest {
             device: Some(device.clone()),
             session_id: handle.session_id,
+            last_activity_ms: handle
+                .last_activity_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
         }))
         .await
     {
@@ -676,9 +679,10 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
             .snapshot()
             .into_iter()
             .filter(|(_, _, last_activity)| *last_activity >= last_report_ms)
-            .map(|(device, session_id, _)| SessionRef {
+            .map(|(device, session_id, last_activity_ms)| SessionRef {
                 device: Some(device),
                 session_id,
+                last_activity_ms,
             })
             .collect();
         last_report_ms = now;

@@ -63,7 +63,9 @@ impl Presence for PresenceService {
     ) -> Result<Response<DetachResponse>, Status> {
         let request = request.into_inner();
         let device = required_device(request.device)?;
-        self.state.detach(&device, request.session_id).await;
+        self.state
+            .detach(&device, request.session_id, request.last_activity_ms)
+            .await;
         Ok(Response::new(DetachResponse {}))
     }
 
@@ -75,7 +77,11 @@ impl Presence for PresenceService {
         let sessions = request
             .sessions
             .into_iter()
-            .filter_map(|session| session.device.map(|device| (device, session.session_id)))
+            .filter_map(|session| {
+                session
+                    .device
+                    .map(|device| (device, session.session_id, session.last_activity_ms))
+            })
             .collect();
         self.state
             .heartbeats(&request.gateway_endpoint, sessions)

@@ -104,8 +104,20 @@ impl PresenceState {
     }
 
     /// Records a device's stream as closed, unless a newer session replaced it.
-    pub(crate) async fn detach(&self, device: &DeviceAddress, session_id: u64) {
+    /// `last_activity_ms` (when the gateway last heard from the device; 0 if unknown) becomes
+    /// the user's last seen.
+    pub(crate) async fn detach(
+        &self,
+        device: &DeviceAddress,
+        session_id: u64,
+        last_activity_ms: u64,
+    ) {
         let now = now_ms();
+        let seen = if last_activity_ms == 0 {
+            now
+        } else {
+            last_activity_ms.min(now)
+        };
         let transition = {
             let mut tables = self.tables();
             let Some(devices) = tables.routes.get_mut(&device.user_id) else {
@@ -121,11 +133,15 @@ impl PresenceState {
             if now_offline {
                 tables.routes.remove(&device.user_id);
             }
-            tables.dirty_last_seen.insert(device.user_id.clone(), now);
+            let entry = tables
+                .dirty_last_seen
+                .entry(device.user_id.clone())
+                .or_insert(0);
+            *entry = (*entry).max(seen);
             now_offline.then(|| Transition {
                 user_id: device.user_id.clone(),
                 online: false,
-                last_seen_ms: now,
+                last_seen_ms: seen,
             })
         };
         if let Some(transition) = transition {
@@ -138,13 +154,18 @@ impl PresenceState {
     pub(crate) async fn heartbeats(
         &self,
         gateway_endpoint: &str,
-        sessions: Vec<(DeviceAddress, u64)>,
+        sessions: Vec<(DeviceAddress, u64, u64)>,
     ) {
         let now = now_ms();
         let mut transitions = Vec::new();
         {
             let mut tables = self.tables();
-            for (device, session_id) in sessions {
+            for (device, session_id, last_activity_ms) in sessions {
+                let seen = if last_activity_ms == 0 {
+                    now
+                } else {
+                    last_activity_ms.min(now)
+                };
                 let devices = tables.routes.entry(device.user_id.clone()).or_default();
                 let was_offline = devices.is_empty();
                 let route = devices
@@ -152,13 +173,17 @@ impl PresenceState {
                     .or_insert_with(|| DeviceRoute {
                         gateway_endpoint: gateway_endpoint.to_string(),
                         session_id,
-                        last_beat_ms: now,
+                        last_beat_ms: seen,
                     });
                 if route.session_id == session_id {
-                    route.last_beat_ms = now;
+                    route.last_beat_ms = route.last_beat_ms.max(seen);
                     route.gateway_endpoint = gateway_endpoint.to_string();
                 }
-                tables.dirty_last_seen.insert(device.user_id.clone(), now);
+                let entry = tables
+                    .dirty_last_seen
+                    .entry(device.user_id.clone())
+                    .or_insert(0);
+                *entry = (*entry).max(seen);
                 if was_offline {
                     transitions.push(Transition {
                         user_id: device.user_id,
