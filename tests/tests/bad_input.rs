@@ -1,0 +1,213 @@
+//! Bad input gets a precise status and harms no one else.
+
+use std::time::Duration;
+
+use bluetick_client::{BluetickClient, ChatEvent, Content, DeviceAddress, TickStatus, register};
+use bluetick_proto::gateway::v1::chat_client::ChatClient;
+use bluetick_proto::gateway::v1::client_frame::Frame as ClientBody;
+use bluetick_proto::gateway::v1::gateway_internal_client::GatewayInternalClient;
+use bluetick_proto::gateway::v1::server_frame::Frame;
+use bluetick_proto::gateway::v1::{
+    ClientFrame, DeliverRequest, DevicePayload, SendMessage, ServerFrame,
+};
+use bluetick_tests::{TestCluster, WAIT};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request};
+
+/// Opens a raw chat stream with an optional `authorization` value.
+async fn raw_open(
+    gateway: &str,
+    authorization: Option<&str>,
+) -> Result<(mpsc::Sender<ClientFrame>, tonic::Streaming<ServerFrame>), tonic::Status> {
+    let mut client = ChatClient::connect(gateway.to_string()).await.unwrap();
+    let (sender, receiver) = mpsc::channel(16);
+    let mut request = Request::new(ReceiverStream::new(receiver));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().unwrap());
+    }
+    let response = client.open(request).await?;
+    Ok((sender, response.into_inner()))
+}
+
+async fn next_frame(stream: &mut tonic::Streaming<ServerFrame>) -> Frame {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("no frame in time")
+        .expect("stream failed")
+        .expect("stream ended")
+        .frame
+        .expect("empty server frame")
+}
+
+/// Missing, malformed and unknown tokens are refused with UNAUTHENTICATED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_valid_token_are_unauthenticated() {
+    let cluster = TestCluster::start().await;
+    let gateway = &cluster.endpoints.gateway;
+    for authorization in [None, Some("Basic abc"), Some("Bearer not-a-real-token")] {
+        let status = raw_open(gateway, authorization).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{authorization:?}: {status}");
+    }
+    let mut forged = cluster.user("mallory").await;
+    forged.token = "0".repeat(64);
+    let client = BluetickClient::new(forged).unwrap();
+    assert_eq!(
+        client.last_seen("anyone").await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(client.add_device().await.unwrap_err().code(), Code::Unauthenticated);
+}
+
+/// Registration checks the handle and refuses a taken one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_validates_handles() {
+    let cluster = TestCluster::start().await;
+    let (gateway, media) = (&cluster.endpoints.gateway, &cluster.endpoints.media);
+    let bad = register(gateway, media, "Not Valid!", "x").await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    register(gateway, media, "dana", "Dana").await.unwrap();
+    let taken = register(gateway, media, "dana", "Other").await.unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists);
+}
+
+/// Unknown recipients, oversize payloads, empty frames, foreign acks and internal calls on
+/// the public port each get their own status, and A → B traffic carries on throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
+    let cluster = TestCluster::start().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let carol = cluster.user("carol").await;
+    let (_a, alice_chat, mut alice_events) = cluster.connect(&alice).await;
+    let (_b, _bob_chat, mut bob_events) = cluster.connect(&bob).await;
+
+    // Unknown recipient.
+    let id = alice_chat.send("no-such-user", "hi").await.unwrap();
+    let error = alice_events.wait_sent(&id, WAIT).await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+
+    // Oversize payload (limit 64 KiB): refused; exactly the limit is fine.
+    let limit = cluster.config.max_payload_bytes;
+    let id = alice_chat.send(&bob.user_id, vec![7u8; limit + 1]).await.unwrap();
+    let error = alice_events.wait_sent(&id, WAIT).await.unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    let id = alice_chat.send(&bob.user_id, vec![7u8; limit]).await.unwrap();
+    let big_id = alice_events.wait_sent(&id, WAIT).await.unwrap();
+    assert_eq!(bob_events.next_message(WAIT).await.unwrap().message_id, big_id);
+
+    // A raw stream of carol's: an empty frame, then a foreign ack, then a valid send.
+    let (carol_tx, mut carol_rx) = raw_open(
+        &cluster.endpoints.gateway,
+        Some(&format!("Bearer {}", carol.token)),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(next_frame(&mut carol_rx).await, Frame::Welcome(_)));
+    assert!(matches!(next_frame(&mut carol_rx).await, Frame::BacklogDone(_)));
+    carol_tx.send(ClientFrame { frame: None }).await.unwrap();
+    match next_frame(&mut carol_rx).await {
+        Frame::Error(error) => assert_eq!(error.code, Code::InvalidArgument as i32),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Carol acknowledges alice's message to bob, and an id that does not exist.
+    carol_tx
+        .send(ClientFrame {
+            frame: Some(ClientBody::Ack(bluetick_proto::gateway::v1::Acknowledge {
+                status: TickStatus::Read as i32,
+                message_ids: vec![big_id, 42],
+            })),
+        })
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        match next_frame(&mut carol_rx).await {
+            Frame::Error(error) => codes.push((error.code, error.message_ids)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        vec![
+            (Code::NotFound as i32, vec![42]),
+            (Code::PermissionDenied as i32, vec![big_id]),
+        ]
+    );
+    // The stream is still open: carol can send, and bob sees carol as the sender.
+    carol_tx
+        .send(ClientFrame {
+            frame: Some(ClientBody::Send(SendMessage {
+                client_msg_id: "carol-1".into(),
+                recipient_user_id: bob.user_id.clone(),
+                payloads: vec![DevicePayload {
+                    device_id: 0,
+                    payload: Content::text("from carol").encode(),
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    match next_frame(&mut carol_rx).await {
+        Frame::SendAccepted(accepted) => assert_eq!(accepted.client_msg_id, "carol-1"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let from_carol = bob_events.next_message(WAIT).await.unwrap();
+    assert_eq!(from_carol.sender, Some(DeviceAddress::new(carol.user_id.clone(), 1)));
+
+    // Carol's foreign READ did not tick alice's message: alice sees only bob's DELIVERED.
+    alice_events
+        .wait_receipt(big_id, TickStatus::Delivered, WAIT)
+        .await
+        .unwrap();
+    let read = alice_events
+        .next_event_matching(
+            |event| matches!(event, ChatEvent::Receipt { status: TickStatus::Read, .. }),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert!(read.is_err(), "foreign ack produced a blue tick: {read:?}");
+
+    // The internal API is not served on the public port.
+    let mut internal = GatewayInternalClient::connect(cluster.endpoints.gateway.clone())
+        .await
+        .unwrap();
+    let status = internal
+        .deliver(DeliverRequest { deliveries: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    // After all that, alice and bob still chat.
+    let id = alice_chat.send(&bob.user_id, "still here").await.unwrap();
+    let last_id = alice_events.wait_sent(&id, WAIT).await.unwrap();
+    assert_eq!(bob_events.next_message(WAIT).await.unwrap().message_id, last_id);
+}
+
+/// Per-device payloads must match the recipient's devices; a mismatch returns the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_device_sends_must_match_the_recipients_devices() {
+    let cluster = TestCluster::start().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let (_a, alice_chat, mut alice_events) = cluster.connect(&alice).await;
+    let id = alice_chat
+        .send_to_devices(&bob.user_id, vec![(1, "one".into()), (2, "two".into())])
+        .await
+        .unwrap();
+    match alice_events
+        .next_event_matching(|event| matches!(event, ChatEvent::SendFailed { .. } | ChatEvent::Sent { .. }), WAIT)
+        .await
+        .unwrap()
+    {
+        ChatEvent::SendFailed { client_msg_id, code, recipient_device_ids, .. } => {
+            assert_eq!(client_msg_id, id);
+            assert_eq!(code, Code::FailedPrecondition);
+            assert_eq!(recipient_device_ids, vec![1]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
