@@ -54,3 +54,5 @@ pub use bluetick_proto as proto;
 pub use bluetick_proto::common::v1::{
     DeviceAddress, InboundMessage, LastSeenVisibility, PresenceState, TickStatus, Typing,
 };
+/// gRPC status codes, as found in [`ChatEvent::SendFailed`] and [`ClientError::code`].
+pub use tonic::Code;
