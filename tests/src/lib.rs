@@ -110,3 +110,11 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Returns the current time in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}

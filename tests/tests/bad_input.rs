@@ -1,5 +1,7 @@
 //! Bad input gets a precise status and harms no one else.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bluetick_client::{BluetickClient, ChatEvent, Content, DeviceAddress, TickStatus, register};
@@ -20,13 +22,15 @@ async fn raw_open(
     gateway: &str,
     authorization: Option<&str>,
 ) -> Result<(mpsc::Sender<ClientFrame>, tonic::Streaming<ServerFrame>), tonic::Status> {
-    let mut client = ChatClient::connect(gateway.to_string()).await.unwrap();
+    let mut client = ChatClient::connect(gateway.to_string())
+        .await
+        .expect("gateway reachable");
     let (sender, receiver) = mpsc::channel(16);
     let mut request = Request::new(ReceiverStream::new(receiver));
     if let Some(value) = authorization {
         request
             .metadata_mut()
-            .insert("authorization", value.parse().unwrap());
+            .insert("authorization", value.parse().expect("ascii header"));
     }
     let response = client.open(request).await?;
     Ok((sender, response.into_inner()))
@@ -49,7 +53,11 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     let gateway = &cluster.endpoints.gateway;
     for authorization in [None, Some("Basic abc"), Some("Bearer not-a-real-token")] {
         let status = raw_open(gateway, authorization).await.unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{authorization:?}: {status}");
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "{authorization:?}: {status}"
+        );
     }
     let mut forged = cluster.user("mallory").await;
     forged.token = "0".repeat(64);
@@ -58,7 +66,10 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
         client.last_seen("anyone").await.unwrap_err().code(),
         Code::Unauthenticated
     );
-    assert_eq!(client.add_device().await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        client.add_device().await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 }
 
 /// Registration checks the handle and refuses a taken one.
@@ -66,7 +77,9 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
 async fn registration_validates_handles() {
     let cluster = TestCluster::start().await;
     let (gateway, media) = (&cluster.endpoints.gateway, &cluster.endpoints.media);
-    let bad = register(gateway, media, "Not Valid!", "x").await.unwrap_err();
+    let bad = register(gateway, media, "Not Valid!", "x")
+        .await
+        .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
     register(gateway, media, "dana", "Dana").await.unwrap();
     let taken = register(gateway, media, "dana", "Other").await.unwrap_err();
@@ -91,12 +104,21 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
 
     // Oversize payload (limit 64 KiB): refused; exactly the limit is fine.
     let limit = cluster.config.max_payload_bytes;
-    let id = alice_chat.send(&bob.user_id, vec![7u8; limit + 1]).await.unwrap();
+    let id = alice_chat
+        .send(&bob.user_id, vec![7u8; limit + 1])
+        .await
+        .unwrap();
     let error = alice_events.wait_sent(&id, WAIT).await.unwrap_err();
     assert_eq!(error.code(), Code::ResourceExhausted);
-    let id = alice_chat.send(&bob.user_id, vec![7u8; limit]).await.unwrap();
+    let id = alice_chat
+        .send(&bob.user_id, vec![7u8; limit])
+        .await
+        .unwrap();
     let big_id = alice_events.wait_sent(&id, WAIT).await.unwrap();
-    assert_eq!(bob_events.next_message(WAIT).await.unwrap().message_id, big_id);
+    assert_eq!(
+        bob_events.next_message(WAIT).await.unwrap().message_id,
+        big_id
+    );
 
     // A raw stream of carol's: an empty frame, then a foreign ack, then a valid send.
     let (carol_tx, mut carol_rx) = raw_open(
@@ -106,7 +128,10 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
     .await
     .unwrap();
     assert!(matches!(next_frame(&mut carol_rx).await, Frame::Welcome(_)));
-    assert!(matches!(next_frame(&mut carol_rx).await, Frame::BacklogDone(_)));
+    assert!(matches!(
+        next_frame(&mut carol_rx).await,
+        Frame::BacklogDone(_)
+    ));
     carol_tx.send(ClientFrame { frame: None }).await.unwrap();
     match next_frame(&mut carol_rx).await {
         Frame::Error(error) => assert_eq!(error.code, Code::InvalidArgument as i32),
@@ -156,7 +181,10 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
         other => panic!("unexpected {other:?}"),
     }
     let from_carol = bob_events.next_message(WAIT).await.unwrap();
-    assert_eq!(from_carol.sender, Some(DeviceAddress::new(carol.user_id.clone(), 1)));
+    assert_eq!(
+        from_carol.sender,
+        Some(DeviceAddress::new(carol.user_id.clone(), 1))
+    );
 
     // Carol's foreign READ did not tick alice's message: alice sees only bob's DELIVERED.
     alice_events
@@ -165,7 +193,15 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
         .unwrap();
     let read = alice_events
         .next_event_matching(
-            |event| matches!(event, ChatEvent::Receipt { status: TickStatus::Read, .. }),
+            |event| {
+                matches!(
+                    event,
+                    ChatEvent::Receipt {
+                        status: TickStatus::Read,
+                        ..
+                    }
+                )
+            },
             Duration::from_millis(500),
         )
         .await;
@@ -184,7 +220,10 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
     // After all that, alice and bob still chat.
     let id = alice_chat.send(&bob.user_id, "still here").await.unwrap();
     let last_id = alice_events.wait_sent(&id, WAIT).await.unwrap();
-    assert_eq!(bob_events.next_message(WAIT).await.unwrap().message_id, last_id);
+    assert_eq!(
+        bob_events.next_message(WAIT).await.unwrap().message_id,
+        last_id
+    );
 }
 
 /// Per-device payloads must match the recipient's devices; a mismatch returns the list.
@@ -199,11 +238,19 @@ async fn per_device_sends_must_match_the_recipients_devices() {
         .await
         .unwrap();
     match alice_events
-        .next_event_matching(|event| matches!(event, ChatEvent::SendFailed { .. } | ChatEvent::Sent { .. }), WAIT)
+        .next_event_matching(
+            |event| matches!(event, ChatEvent::SendFailed { .. } | ChatEvent::Sent { .. }),
+            WAIT,
+        )
         .await
         .unwrap()
     {
-        ChatEvent::SendFailed { client_msg_id, code, recipient_device_ids, .. } => {
+        ChatEvent::SendFailed {
+            client_msg_id,
+            code,
+            recipient_device_ids,
+            ..
+        } => {
             assert_eq!(client_msg_id, id);
             assert_eq!(code, Code::FailedPrecondition);
             assert_eq!(recipient_device_ids, vec![1]);

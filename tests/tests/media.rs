@@ -1,6 +1,8 @@
 //! Media through the whole suite: uploads authenticated by the real gateway, content
 //! addressing, dedup, the size limit, plain HTTP with ranges, and a photo sent in a chat.
 
+#![allow(clippy::unwrap_used)]
+
 use bluetick_client::{BluetickClient, Content, no_progress};
 use bluetick_tests::{TestCluster, WAIT};
 use bytes::Bytes;

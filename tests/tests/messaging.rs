@@ -1,6 +1,8 @@
 //! One message A → B through the whole suite: ticks, store-and-forward, order, idempotent
 //! resends and deletion once read.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bluetick_client::{ChatConfig, ChatEvent, Content, DeviceAddress, TickStatus};
@@ -224,7 +226,7 @@ async fn resend_with_the_same_client_msg_id_is_stored_once() {
             &DeviceAddress::new(bob.user_id.clone(), 1),
             0,
             100,
-            bluetick_common_now(),
+            bluetick_tests::now_ms(),
         )
         .await
         .unwrap();
@@ -237,13 +239,6 @@ fn once_payload() -> Vec<bluetick_proto::gateway::v1::DevicePayload> {
         device_id: 0,
         payload: bytes::Bytes::from_static(b"once"),
     }]
-}
-
-fn bluetick_common_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 /// Every device of the recipient gets its own copy, and each can tick it.

@@ -1,18 +1,13 @@
 //! Heartbeats, online state, last seen and its privacy setting.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
 
 use bluetick_client::{ChatConfig, ChatEvent, LastSeenVisibility};
-use bluetick_tests::{TestCluster, WAIT, eventually};
+use bluetick_tests::{TestCluster, WAIT, eventually, now_ms};
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 async fn fast_heartbeat_cluster() -> TestCluster {
     TestCluster::start_with(|config| config.heartbeat_interval = HEARTBEAT).await

@@ -458,8 +458,8 @@ async fn handle_ack(
             not_found,
         ));
     }
-    if !response.accepted.is_empty() {
-        if let Err(status) = gateway
+    if !response.accepted.is_empty()
+        && let Err(status) = gateway
             .messaging
             .clone()
             .settle(with_deadline(SettleRequest {
@@ -468,10 +468,9 @@ async fn handle_ack(
                 message_ids: response.accepted,
             }))
             .await
-        {
-            // The ticks are recorded; the inbox may redeliver, and clients drop copies.
-            tracing::warn!(%status, "settling inbox failed");
-        }
+    {
+        // The ticks are recorded; the inbox may redeliver, and clients drop copies.
+        tracing::warn!(%status, "settling inbox failed");
     }
     replies
 }

@@ -174,10 +174,10 @@ impl Sessions {
                 }
             };
             for frame in buffered {
-                if let Some(Frame::Message(message)) = &frame.frame {
-                    if sent_in_backlog.contains(&message.message_id) {
-                        continue;
-                    }
+                if let Some(Frame::Message(message)) = &frame.frame
+                    && sent_in_backlog.contains(&message.message_id)
+                {
+                    continue;
                 }
                 if handle.outbound.send(frame).await.is_err() {
                     return false;
