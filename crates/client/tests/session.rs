@@ -1,8 +1,8 @@
 //! The chat session against a scripted fake gateway: auth metadata, heartbeats, dedup with
 //! re-acknowledgement, resend after reconnect, receipt confirmation and graceful close.
 
-
 #![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use bluetick_client::proto::common::v1::{DeviceAddress, InboundMessage, Receipt, TickStatus};
