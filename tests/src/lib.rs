@@ -53,6 +53,15 @@ impl TestCluster {
         &self.data_dir
     }
 
+    /// The store URL `service` (gateway, messaging, ack, presence) uses: the engine URL when
+    /// the cluster runs on one, else its embedded directory.
+    pub fn store_url(&self, service: &str) -> String {
+        self.config
+            .store_url
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(service).to_string_lossy().into_owned())
+    }
+
     /// Stops every service and waits until they released their stores.
     pub async fn stop(&mut self) {
         if let Some(cluster) = self.cluster.take() {

@@ -156,10 +156,9 @@ async fn read_messages_are_deleted_from_the_store() {
     alice_chat.close().await.unwrap();
     cluster.stop().await;
 
-    let inbox =
-        bluetick_store::open_inbox_store(cluster.data_dir().join("messaging").to_str().unwrap())
-            .await
-            .unwrap();
+    let inbox = bluetick_store::open_inbox_store(&cluster.store_url("messaging"))
+        .await
+        .unwrap();
     let bob_device = DeviceAddress::new(bob.user_id.clone(), 1);
     assert!(
         !inbox.contains(&bob_device, first_id).await.unwrap(),
@@ -217,10 +216,9 @@ async fn resend_with_the_same_client_msg_id_is_stored_once() {
     alice_chat.close().await.unwrap();
     cluster.stop().await;
 
-    let inbox =
-        bluetick_store::open_inbox_store(cluster.data_dir().join("messaging").to_str().unwrap())
-            .await
-            .unwrap();
+    let inbox = bluetick_store::open_inbox_store(&cluster.store_url("messaging"))
+        .await
+        .unwrap();
     let pending = inbox
         .pending(
             &DeviceAddress::new(bob.user_id.clone(), 1),

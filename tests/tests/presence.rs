@@ -181,10 +181,9 @@ async fn last_seen_is_stored() {
     bob_chat.close().await.unwrap();
     let before_stop = now_ms();
     cluster.stop().await;
-    let store =
-        bluetick_store::open_presence_store(cluster.data_dir().join("presence").to_str().unwrap())
-            .await
-            .unwrap();
+    let store = bluetick_store::open_presence_store(&cluster.store_url("presence"))
+        .await
+        .unwrap();
     let stored = store.last_seen(&bob.user_id).await.unwrap().unwrap();
     assert!(
         stored <= before_stop && stored + 5_000 >= before_stop,
