@@ -682,12 +682,16 @@ fn frame(body: ClientFrameBody) -> ClientFrame {
     ClientFrame { frame: Some(body) }
 }
 
+/// Errors after which reconnecting cannot help. FAILED_PRECONDITION (the gateway's ABORTED)
+/// means a newer connection of this same device replaced this one: the newest wins, and
+/// reconnecting would only take the stream back and forth.
 fn is_fatal(error: &ClientError) -> bool {
     matches!(
         error,
         ClientError::Unauthenticated(_)
             | ClientError::PermissionDenied(_)
             | ClientError::InvalidArgument(_)
+            | ClientError::FailedPrecondition(_)
     )
 }
 
