@@ -2,7 +2,9 @@
 # The cross-language client test: a Python client generated from proto/ drives a real
 # bluetick-dev cluster.
 #
-#   1. builds target/debug/bluetick-dev with cargo ($CARGO, default cargo)
+#   1. builds target/debug/bluetick-dev with cargo ($CARGO, default cargo), as part of the
+#      whole workspace: the same feature set as `cargo test --workspace`, so after
+#      `make test-fast` nothing but binaries is compiled again
 #   2. creates .cache/py (a venv with the pinned tests/python/requirements.txt), once
 #   3. generates Python stubs from proto/ into tests/python/gen/ (the import root)
 #   4. runs pytest on tests/python; its fixture starts the cluster on ephemeral ports,
@@ -24,12 +26,12 @@ pytest_timeout_s="${BLUETICK_PYTEST_TIMEOUT_S:-600}"
 
 # 1. The dev cluster binary.
 [[ -f crates/dev/Cargo.toml ]] || die "crates/dev is missing: the bluetick-dev crate is needed"
-log "building bluetick-dev"
+log "building the workspace (for target/debug/bluetick-dev)"
 build_log="$(mktemp)"
 trap 'rm -f "$build_log"' EXIT
-if ! "$cargo_cmd" build -p bluetick-dev --bin bluetick-dev --message-format=json-render-diagnostics \
+if ! "$cargo_cmd" build --workspace --all-targets --message-format=json-render-diagnostics \
     >"$build_log"; then
-    die "cargo could not build the bluetick-dev binary (crates/dev must provide src/main.rs or [[bin]] bluetick-dev); see the errors above"
+    die "cargo could not build the workspace with the bluetick-dev binary; see the errors above"
 fi
 
 # 2. The Python environment (also gives us a JSON parser for cargo's output).
@@ -44,10 +46,13 @@ for line in open(sys.argv[1]):
     except ValueError:
         continue
     if msg.get("reason") == "compiler-artifact" and msg.get("executable") \
-            and msg["target"]["name"] == "bluetick-dev":
+            and msg["target"]["name"] == "bluetick-dev" \
+            and "bin" in msg["target"]["kind"] and not msg["profile"]["test"]:
         print(msg["executable"])
+        break
 ' "$build_log")"
-[[ -n "$dev_bin" && -x "$dev_bin" ]] || die "cargo reported no bluetick-dev executable"
+[[ -n "$dev_bin" && -x "$dev_bin" ]] ||
+    die "cargo built no bluetick-dev executable (crates/dev must have src/main.rs or a [[bin]] bluetick-dev)"
 log "dev cluster binary: ${dev_bin}"
 
 # 3. Stubs. Regenerated every run (about a second) so they always match proto/.
