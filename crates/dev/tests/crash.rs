@@ -94,7 +94,8 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
 
     let alice_client = BluetickClient::new(alice.clone()).unwrap();
-    let (alice_chat, mut alice_events) = alice_client.open_chat(ChatConfig::default()).await.unwrap();
+    let (alice_chat, mut alice_events) =
+        alice_client.open_chat(ChatConfig::default()).await.unwrap();
     const TOTAL: usize = 300;
     for index in 0..TOTAL {
         alice_chat
@@ -134,11 +135,17 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     assert_eq!(texts, expected, "lost, duplicated or reordered messages");
     let received: HashSet<u64> = received_ids.iter().copied().collect();
     for message_id in &acknowledged {
-        assert!(received.contains(message_id), "acknowledged message {message_id} lost");
+        assert!(
+            received.contains(message_id),
+            "acknowledged message {message_id} lost"
+        );
     }
     assert!(
         bob_events
-            .next_event_matching(|event| matches!(event, ChatEvent::Message(_)), Duration::from_millis(500))
+            .next_event_matching(
+                |event| matches!(event, ChatEvent::Message(_)),
+                Duration::from_millis(500)
+            )
             .await
             .is_err(),
         "a message was shown twice"
