@@ -31,8 +31,8 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
     );
     let mut bob_stream = client.open(request).await.unwrap().into_inner();
 
-    let payload = vec![b'x'; 32 * 1024];
-    let total = 1_500;
+    let payload = vec![b'x'; 8 * 1024];
+    let total = 2_000;
     let mut last = String::new();
     for _ in 0..total {
         last = alice_chat
@@ -59,7 +59,7 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
 
     // Nothing was lost: bob reconnects and gets all of them.
     let (_b, _bob_chat, mut bob_events) = cluster.connect(&bob).await;
-    let messages = bob_events.next_messages(total, WAIT).await.unwrap();
+    let messages = bob_events.next_messages(total, 3 * WAIT).await.unwrap();
     assert_eq!(messages.len(), total);
 }
 
