@@ -3,8 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bluetick_client::{ChatEvent, DeviceAddress};
-use bluetick_proto::gateway::v1::ClientFrame;
 use bluetick_proto::gateway::v1::chat_client::ChatClient;
+use bluetick_proto::gateway::v1::client_frame::Frame as ClientBody;
+use bluetick_proto::gateway::v1::{ClientFrame, Heartbeat};
 use bluetick_tests::{TestCluster, WAIT};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +24,19 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
     let mut client = ChatClient::connect(cluster.endpoints.gateway.clone())
         .await
         .unwrap();
-    let (_keep_open, receiver) = mpsc::channel::<ClientFrame>(1);
+    let (frames, receiver) = mpsc::channel::<ClientFrame>(1);
+    // It keeps heartbeating, so only the full queue can end it.
+    let heartbeats = tokio::spawn(async move {
+        loop {
+            let beat = ClientFrame {
+                frame: Some(ClientBody::Heartbeat(Heartbeat {})),
+            };
+            if frames.send(beat).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
     let mut request = Request::new(ReceiverStream::new(receiver));
     request.metadata_mut().insert(
         "authorization",
@@ -55,6 +68,7 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
         }
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    heartbeats.abort();
     assert!(frames < total, "every frame was buffered: {frames}");
 
     // Nothing was lost: bob reconnects and gets all of them.
