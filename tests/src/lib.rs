@@ -35,6 +35,9 @@ impl TestCluster {
         let data = tempfile::tempdir().unwrap();
         let mut config = DevConfig::new(data.path());
         config.ports = Ports::EPHEMERAL;
+        // `make test` runs this suite a second time on the real engines.
+        config.store_url = std::env::var("BLUETICK_TEST_STORE_URL").ok();
+        config.media_url = std::env::var("BLUETICK_TEST_MEDIA_URL").ok();
         adjust(&mut config);
         let data_dir = config.data_dir.clone();
         let cluster = DevCluster::start(config.clone()).await.unwrap();
@@ -66,6 +69,26 @@ impl TestCluster {
     pub async fn stop(&mut self) {
         if let Some(cluster) = self.cluster.take() {
             cluster.shutdown().await.unwrap();
+        }
+    }
+
+    /// Stops every service and starts them again on the same data (and engines), on new
+    /// ports: what a full restart of every bluetick process looks like to clients.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.ports = Ports::EPHEMERAL;
+        let cluster = DevCluster::start(config).await.unwrap();
+        self.endpoints = cluster.endpoints.clone();
+        self.cluster = Some(cluster);
+    }
+
+    /// Returns `credentials` pointed at the cluster's current endpoints.
+    pub fn reaim(&self, credentials: &Credentials) -> Credentials {
+        Credentials {
+            gateway_url: self.endpoints.gateway.clone(),
+            media_url: self.endpoints.media.clone(),
+            ..credentials.clone()
         }
     }
 

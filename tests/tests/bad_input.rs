@@ -81,8 +81,9 @@ async fn registration_validates_handles() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
-    register(gateway, media, "dana", "Dana").await.unwrap();
-    let taken = register(gateway, media, "dana", "Other").await.unwrap_err();
+    let dana = format!("dana{}", rand::random::<u32>());
+    register(gateway, media, &dana, "Dana").await.unwrap();
+    let taken = register(gateway, media, &dana, "Other").await.unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists);
 }
 

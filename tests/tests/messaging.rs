@@ -277,3 +277,39 @@ async fn every_device_of_the_recipient_gets_the_message() {
     devices.sort_unstable();
     assert_eq!(devices, vec![1, 2]);
 }
+
+/// Stopping every service and starting them again on the same storage loses nothing: an
+/// offline user then receives everything, in order, and the sender's receipts follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_restart_keeps_stored_messages_and_receipts() {
+    let mut cluster = TestCluster::start().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let (_a, alice_chat, mut alice_events) = cluster.connect(&alice).await;
+    let mut message_ids = Vec::new();
+    for index in 0..20 {
+        let id = alice_chat
+            .send_content(
+                &bob.user_id,
+                &Content::text(format!("before restart {index}")),
+            )
+            .await
+            .unwrap();
+        message_ids.push(alice_events.wait_sent(&id, WAIT).await.unwrap());
+    }
+    alice_chat.close().await.unwrap();
+    cluster.restart().await;
+
+    let (_b, bob_chat, mut bob_events) = cluster.connect(&cluster.reaim(&bob)).await;
+    let received = bob_events.next_messages(20, WAIT).await.unwrap();
+    let received_ids: Vec<u64> = received.iter().map(|message| message.message_id).collect();
+    assert_eq!(received_ids, message_ids);
+    bob_chat.mark_read(vec![message_ids[0]]).await.unwrap();
+
+    // Alice was offline for all of it: her receipts were stored and arrive on connect.
+    let (_a2, _alice_chat, mut alice_events) = cluster.connect(&cluster.reaim(&alice)).await;
+    alice_events
+        .wait_receipt(message_ids[0], TickStatus::Read, WAIT)
+        .await
+        .unwrap();
+}
