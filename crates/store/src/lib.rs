@@ -9,7 +9,7 @@
 //!
 //! Every method that returns `Ok` after a write has made it durable (fsync / group commit in
 //! the embedded store, a QUORUM-class write in CQL). Implementations: [`embedded`] (redb
-//! files in one directory, the default) and, later, CQL. The [`conformance`] suite (feature
+//! files in one directory, the default) and [`cql`] (Cassandra / ScyllaDB). The [`conformance`] suite (feature
 //! `testsuite`) is run against each.
 
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 #[cfg(feature = "testsuite")]
 pub mod conformance;
+pub mod cql;
 pub mod embedded;
 
 /// Why a store call failed.
@@ -376,6 +377,8 @@ pub type PresenceStoreRef = Arc<dyn PresenceStore>;
 pub enum StoreLocation {
     /// The embedded store in a local directory (`/path`, `embedded:///path` or `file:///path`).
     Embedded(std::path::PathBuf),
+    /// Cassandra or ScyllaDB: `scylla://host:9042[,host:port]/keyspace?options` (or `cql://`).
+    Cql(cql::CqlLocation),
 }
 
 impl StoreLocation {
@@ -384,6 +387,9 @@ impl StoreLocation {
     /// # Errors
     /// [`StoreError::Internal`] for an unknown scheme.
     pub fn parse(url: &str) -> StoreResult<Self> {
+        if url.starts_with("scylla://") || url.starts_with("cql://") {
+            return Ok(Self::Cql(cql::CqlLocation::parse(url)?));
+        }
         if let Some(path) = url
             .strip_prefix("embedded://")
             .or_else(|| url.strip_prefix("file://"))
@@ -392,7 +398,7 @@ impl StoreLocation {
         }
         if url.contains("://") {
             return Err(StoreError::Internal(format!(
-                "unsupported store url {url:?} (expected a directory path or embedded://path)"
+                "unsupported store url {url:?} (expected a directory path, embedded://path or scylla://host:port/keyspace)"
             )));
         }
         Ok(Self::Embedded(url.into()))
@@ -406,6 +412,7 @@ impl StoreLocation {
 pub async fn open_account_store(url: &str) -> StoreResult<AccountStoreRef> {
     match StoreLocation::parse(url)? {
         StoreLocation::Embedded(dir) => Ok(Arc::new(embedded::EmbeddedAccountStore::open(&dir)?)),
+        StoreLocation::Cql(location) => Ok(Arc::new(cql::CqlAccountStore::open(&location).await?)),
     }
 }
 
@@ -416,6 +423,7 @@ pub async fn open_account_store(url: &str) -> StoreResult<AccountStoreRef> {
 pub async fn open_inbox_store(url: &str) -> StoreResult<InboxStoreRef> {
     match StoreLocation::parse(url)? {
         StoreLocation::Embedded(dir) => Ok(Arc::new(embedded::EmbeddedInboxStore::open(&dir)?)),
+        StoreLocation::Cql(location) => Ok(Arc::new(cql::CqlInboxStore::open(&location).await?)),
     }
 }
 
@@ -426,6 +434,7 @@ pub async fn open_inbox_store(url: &str) -> StoreResult<InboxStoreRef> {
 pub async fn open_tick_store(url: &str) -> StoreResult<TickStoreRef> {
     match StoreLocation::parse(url)? {
         StoreLocation::Embedded(dir) => Ok(Arc::new(embedded::EmbeddedTickStore::open(&dir)?)),
+        StoreLocation::Cql(location) => Ok(Arc::new(cql::CqlTickStore::open(&location).await?)),
     }
 }
 
@@ -436,5 +445,6 @@ pub async fn open_tick_store(url: &str) -> StoreResult<TickStoreRef> {
 pub async fn open_presence_store(url: &str) -> StoreResult<PresenceStoreRef> {
     match StoreLocation::parse(url)? {
         StoreLocation::Embedded(dir) => Ok(Arc::new(embedded::EmbeddedPresenceStore::open(&dir)?)),
+        StoreLocation::Cql(location) => Ok(Arc::new(cql::CqlPresenceStore::open(&location).await?)),
     }
 }
