@@ -12,8 +12,8 @@ use bluetick_proto::common::v1::{DeviceAddress, InboundMessage, TickStatus};
 use bluetick_proto::gateway::v1::{Delivery, ServerFrame, server_frame::Frame};
 use bluetick_proto::messaging::v1::messaging_server::Messaging;
 use bluetick_proto::messaging::v1::*;
-use bluetick_proto::presence::v1::LocateRequest;
 use bluetick_proto::presence::v1::presence_client::PresenceClient;
+use bluetick_proto::presence::v1::{LocateRequest, Route};
 use bluetick_store::{AcceptOutcome, AcceptRecord, InboxStoreRef, StoredMessage};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -115,9 +115,10 @@ impl Inner {
         Ok(sender)
     }
 
-    /// Pushes frames to the connected devices among `devices` of `user_id`.
-    async fn route(&self, user_id: &str, frames: Vec<(u32, ServerFrame)>) {
-        let routes = match self
+    /// Returns where `user_id`'s devices are connected; empty (and logged) when presence
+    /// cannot say, since the message stays stored for the device's reconnect.
+    async fn locate(&self, user_id: &str) -> Vec<Route> {
+        match self
             .presence
             .clone()
             .locate(with_deadline(LocateRequest {
@@ -128,12 +129,16 @@ impl Inner {
             Ok(response) => response.into_inner().routes,
             Err(status) => {
                 tracing::warn!(%status, "presence unavailable, message stays stored for reconnect");
-                return;
+                Vec::new()
             }
-        };
+        }
+    }
+
+    /// Pushes each frame to the gateway holding its device, if connected.
+    fn push(&self, routes: Vec<Route>, frames: &[(u32, ServerFrame)]) {
         for route in routes {
             let Some(device) = route.device else { continue };
-            for (device_id, frame) in &frames {
+            for (device_id, frame) in frames {
                 if *device_id == device.device_id {
                     self.pusher.push(
                         &route.gateway_endpoint,
@@ -189,25 +194,25 @@ impl Messaging for MessagingService {
         };
         // ack must know the message before any receipt for it can arrive. Recording it
         // again for a duplicate is harmless and repairs a crash between the two writes.
-        inner
-            .ack
-            .clone()
-            .record_sent(with_deadline(RecordSentRequest {
-                message_id,
-                sender: Some(sender.clone()),
-                recipient_user_id: request.recipient_user_id.clone(),
-                recipient_device_ids,
-                sent_at_ms,
-            }))
-            .await
-            .map_err(|status| {
-                tracing::warn!(%status, message_id, "ack unavailable");
-                Status::unavailable("ack service unavailable, resend with the same client_msg_id")
-            })?;
-        // Routed before answering, so the sender's next message is routed after this one. A
-        // duplicate is routed again too (devices drop copies by id): the first attempt may
-        // have stored it and died before routing.
-        let frames = envelopes
+        // Where the recipient is connected is asked meanwhile.
+        let mut ack = inner.ack.clone();
+        let record_sent = ack.record_sent(with_deadline(RecordSentRequest {
+            message_id,
+            sender: Some(sender.clone()),
+            recipient_user_id: request.recipient_user_id.clone(),
+            recipient_device_ids,
+            sent_at_ms,
+        }));
+        let (recorded, routes) =
+            tokio::join!(record_sent, inner.locate(&request.recipient_user_id));
+        recorded.map_err(|status| {
+            tracing::warn!(%status, message_id, "ack unavailable");
+            Status::unavailable("ack service unavailable, resend with the same client_msg_id")
+        })?;
+        // Pushed before answering, so the sender's next message is pushed after this one. A
+        // duplicate is pushed again too (devices drop copies by id): the first attempt may
+        // have stored it and died before pushing.
+        let frames: Vec<(u32, ServerFrame)> = envelopes
             .into_iter()
             .map(|(device_id, payload)| {
                 let message = InboundMessage {
@@ -220,7 +225,7 @@ impl Messaging for MessagingService {
                 (device_id, ServerFrame::of(Frame::Message(message)))
             })
             .collect();
-        inner.route(&request.recipient_user_id, frames).await;
+        inner.push(routes, &frames);
         Ok(Response::new(AcceptResponse {
             message_id,
             sent_at_ms,
