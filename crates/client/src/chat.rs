@@ -17,7 +17,7 @@
 //! caller of [`ChatHandle::send`] waits when [`ChatConfig::max_in_flight_sends`] are
 //! unanswered). Dropping every [`ChatHandle`] closes the session gracefully.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,8 @@ use crate::error::{ClientError, ClientResult};
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Frames queued toward the server per connection.
 const OUTBOUND_BUFFER: usize = 256;
+/// READ acknowledgements remembered to be written again after a reconnect.
+const REMEMBERED_READS: usize = 4_096;
 /// A connection that held this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// How long [`ChatHandle::close`] waits for the server to end the stream after half-close.
@@ -578,6 +580,7 @@ impl BluetickClient {
             delivered_queue: Vec::new(),
             read_queue: Vec::new(),
             confirm_queue: Vec::new(),
+            reads_written: VecDeque::new(),
             watch_opt: None,
             reconnects: 0,
         };
@@ -672,6 +675,11 @@ struct Session {
     delivered_queue: Vec<u64>,
     read_queue: Vec<u64>,
     confirm_queue: Vec<u64>,
+    /// READ acknowledgements written on the current connection. The server does not confirm
+    /// them, and one lost with a breaking stream would leave a read message stored until
+    /// its TTL (a delivered message is not redelivered), so they are written again after a
+    /// reconnect; acknowledging twice is harmless.
+    reads_written: VecDeque<u64>,
     /// The presence watch list, re-sent after every reconnect.
     watch_opt: Option<Vec<String>>,
     backoff: Backoff,
@@ -895,6 +903,9 @@ impl Session {
             )
             .await?;
         }
+        // READs written on the previous connection may have died with it.
+        let again: Vec<u64> = self.reads_written.drain(..).collect();
+        self.read_queue.splice(0..0, again);
         self.flush_acks(outbound).await
     }
 
@@ -1154,13 +1165,20 @@ impl Session {
             })
         })
         .await?;
-        flush_queue(&mut self.read_queue, batch_max, outbound, |ids| {
+        let reads: Vec<u64> = self.read_queue.clone();
+        let unwritten = flush_queue(&mut self.read_queue, batch_max, outbound, |ids| {
             ClientFrameBody::Ack(Acknowledge {
                 status: TickStatus::Read as i32,
                 message_ids: ids,
             })
         })
-        .await?;
+        .await;
+        let written = reads.len() - self.read_queue.len();
+        self.reads_written.extend(&reads[..written]);
+        while self.reads_written.len() > REMEMBERED_READS {
+            self.reads_written.pop_front();
+        }
+        unwritten?;
         flush_queue(&mut self.confirm_queue, batch_max, outbound, |ids| {
             ClientFrameBody::ConfirmReceipts(ConfirmReceipts { receipt_ids: ids })
         })
