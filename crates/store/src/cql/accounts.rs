@@ -7,6 +7,12 @@
 //! is handed out at most once however many callers race. Both tables are written with LWT
 //! only. `devices`, `device_tokens` and `device_keys` take plain writes, made after the LWT
 //! that entitles them (a token is never written for a user someone else created).
+//!
+//! Paxos serializes rounds per partition, and Cassandra answers a round that lost too often
+//! with a CAS write timeout. So claims of one device's prekeys are queued in-process (striped
+//! locks) and only processes race each other. A claim whose outcome is unknown (timeout) is
+//! never returned: the loop moves on to another key, so a key can be lost but never handed
+//! out twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +33,16 @@ use crate::{
 /// Attempts of a compare-and-set loop before giving up as unavailable (contention).
 const CAS_ATTEMPTS: u32 = 64;
 
+/// Striped in-process locks that queue prekey claims per device.
+const CLAIM_LOCK_STRIPES: usize = 64;
+
 /// The CQL [`AccountStore`].
 #[derive(Debug)]
 pub struct CqlAccountStore {
     session: Arc<CqlSession>,
     statements: Statements,
+    /// Claims of one device's prekeys take turns here instead of contending in Paxos.
+    claim_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug)]
@@ -198,7 +209,19 @@ impl CqlAccountStore {
         Ok(Self {
             session,
             statements,
+            claim_locks: (0..CLAIM_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         })
+    }
+
+    fn claim_lock(&self, device: &DeviceAddress) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        device.user_id.hash(&mut hasher);
+        device.device_id.hash(&mut hasher);
+        let stripe = usize::try_from(hasher.finish() % CLAIM_LOCK_STRIPES as u64).unwrap_or(0);
+        &self.claim_locks[stripe]
     }
 
     /// Writes a device row and its token in one logged batch.
@@ -476,6 +499,7 @@ impl AccountStore for CqlAccountStore {
     ) -> StoreResult<Option<PreKeyRecord>> {
         let user_id = device.user_id.as_str();
         let device_id = device_to_cql(device.device_id);
+        let _turn = self.claim_lock(device).lock().await;
         for attempt in 0..CAS_ATTEMPTS {
             // First try the lowest key; under contention spread over the lowest few.
             let window: i32 = if attempt == 0 { 1 } else { 8 };
@@ -498,13 +522,22 @@ impl AccountStore for CqlAccountStore {
                 (nanos / 1000 + attempt as usize) % candidates.len()
             };
             let (key_id, public_key) = &candidates[pick];
-            let claimed = self
+            let claimed = match self
                 .session
                 .execute_conditional(
                     &self.statements.claim_prekey,
                     (user_id, device_id, *key_id, public_key),
                 )
-                .await?;
+                .await
+            {
+                Ok(claimed) => claimed,
+                // Unknown outcome: never return this key, try another.
+                Err(StoreError::Unavailable(detail)) => {
+                    tracing::warn!(%device, key_id = key_id_from_cql(*key_id), %detail, "prekey claim outcome unknown");
+                    false
+                }
+                Err(other) => return Err(other),
+            };
             if claimed {
                 return Ok(Some(PreKeyRecord {
                     key_id: key_id_from_cql(*key_id),
