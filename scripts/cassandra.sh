@@ -17,6 +17,7 @@
 #   CASSANDRA_NUM_TOKENS      vnodes per node                         [1]
 #   CASSANDRA_CLUSTER_NAME    cluster name (same on every node)       [bluetick-ci]
 #   CASSANDRA_STORAGE_DIR     data, commitlog, hints (wiped at start) [.cache/cassandra/data-ADDR-PORT]
+#   CASSANDRA_KEEP_DATA       1: keep the storage dir at start (restart with the same data) [0]
 #   CASSANDRA_HEAP            -Xms/-Xmx                               [1g]
 #   CASSANDRA_START_TIMEOUT   seconds to wait for CQL                 [180]
 #   JAVA_HOME                 Java 17 (else `java` on PATH)
@@ -135,7 +136,9 @@ cmd_start() {
         die "${LISTEN_ADDRESS}:${NATIVE_PORT} is in use by a process this script did not start"
     fi
     mkdir -p "$RUN_DIR"
-    rm -rf "$STORAGE_DIR"
+    if [[ "${CASSANDRA_KEEP_DATA:-0}" != "1" ]]; then
+        rm -rf "$STORAGE_DIR"
+    fi
     mkdir -p "$STORAGE_DIR"
     render_config
 
