@@ -1,0 +1,508 @@
+//! `bluetick-bench`: drives a running bluetick (e.g. `make run`) through the client SDK and
+//! prints one summary line per figure (`--json` for a machine-readable record).
+//!
+//! Scenarios:
+//! - `online`: N connected users each send M messages to random others as fast as they
+//!   can; delivered messages/s from the first send to the last delivery, one-way latency
+//!   percentiles, and lost/duplicated counts (both must be 0).
+//! - `paced`: the same traffic at a fixed total rate; one-way latency and the round trip
+//!   from send to the double tick back at the sender.
+//! - `offline`: senders send K messages each to N offline recipients, then all recipients
+//!   connect at once; time to store and time to drain.
+//!
+//! Every run is bounded: a deadline ends it (and the run fails) if traffic stalls. The
+//! generator's own CPU share is printed, so it can be told apart from the server's.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bluetick_client::{
+    BluetickClient, ChatConfig, ChatEvent, ChatEvents, ChatHandle, Credentials, TickStatus,
+    register,
+};
+use bytes::{BufMut, Bytes, BytesMut};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Gateway endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    gateway: String,
+    /// Media endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:7704")]
+    media: String,
+    /// Print a JSON record per scenario instead of text lines.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    deadline_secs: u64,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+enum Scenario {
+    /// N users each send M messages as fast as possible.
+    Online {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 50)]
+        messages: usize,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+    },
+    /// The same traffic at a fixed total rate.
+    Paced {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+    },
+    /// Senders fill offline inboxes, then every recipient connects at once.
+    Offline {
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        #[arg(long, default_value_t = 20)]
+        messages: usize,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+    },
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    scenario: &'static str,
+    messages: u64,
+    lost: u64,
+    duplicated: u64,
+    seconds: f64,
+    messages_per_second: f64,
+    one_way_p50_ms: f64,
+    one_way_p99_ms: f64,
+    one_way_max_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    double_tick_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    double_tick_p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_seconds: Option<f64>,
+    generator_cpu_percent: f64,
+}
+
+/// Payload: 8 bytes of send time (µs since the run's epoch), sender index, then padding.
+fn payload(epoch: Instant, sender: u32, length: usize) -> Bytes {
+    let mut bytes = BytesMut::with_capacity(length.max(12));
+    bytes.put_u64(epoch.elapsed().as_micros() as u64);
+    bytes.put_u32(sender);
+    bytes.resize(length.max(12), b'.');
+    bytes.freeze()
+}
+
+fn sent_micros(payload: &[u8]) -> Option<u64> {
+    payload
+        .get(..8)
+        .and_then(|head| head.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// CPU time of this process so far (user + system), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|both| both.iter().filter_map(|f| f.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+struct User {
+    credentials: Credentials,
+}
+
+async fn register_users(args: &Args, count: usize, tag: &str) -> anyhow::Result<Vec<User>> {
+    let run = rand::random::<u32>();
+    let mut users = Vec::with_capacity(count);
+    for index in 0..count {
+        let user_id = format!("bench{tag}{run}x{index}");
+        let credentials = register(&args.gateway, &args.media, &user_id, "bench")
+            .await
+            .with_context(|| format!("registering {user_id}"))?;
+        users.push(User { credentials });
+    }
+    Ok(users)
+}
+
+async fn connect(user: &User) -> anyhow::Result<(ChatHandle, ChatEvents)> {
+    let client = BluetickClient::new(user.credentials.clone())?;
+    let config = ChatConfig {
+        max_in_flight_sends: 4_096,
+        event_buffer: 8_192,
+        ..ChatConfig::default()
+    };
+    let (handle, mut events) = client.open_chat(config).await?;
+    events
+        .next_event_matching(
+            |event| matches!(event, ChatEvent::BacklogDone { .. }),
+            Duration::from_secs(30),
+        )
+        .await?;
+    Ok((handle, events))
+}
+
+#[derive(Default)]
+struct Tally {
+    received: u64,
+    seen: HashSet<u64>,
+    duplicated: u64,
+    one_way: Option<Histogram<u64>>,
+    double_tick: Option<Histogram<u64>>,
+    last_delivery: Option<Instant>,
+}
+
+/// Drains one user's events into the tally until `expected_total` messages arrived overall.
+async fn collect(
+    mut events: ChatEvents,
+    epoch: Instant,
+    tally: Arc<Mutex<Tally>>,
+    sent_at: Arc<Mutex<std::collections::HashMap<String, Instant>>>,
+    sent_ids: Arc<Mutex<std::collections::HashMap<u64, Instant>>>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            ChatEvent::Message(message) => {
+                let now_micros = epoch.elapsed().as_micros() as u64;
+                let mut tally = tally.lock().await;
+                if !tally.seen.insert(message.message_id) {
+                    tally.duplicated += 1;
+                    continue;
+                }
+                tally.received += 1;
+                tally.last_delivery = Some(Instant::now());
+                if let Some(sent) = sent_micros(&message.payload) {
+                    let latency = now_micros.saturating_sub(sent).max(1);
+                    if let Some(histogram) = tally.one_way.as_mut() {
+                        let _ = histogram.record(latency);
+                    }
+                }
+            }
+            ChatEvent::Sent {
+                client_msg_id,
+                message_id,
+                ..
+            } => {
+                if let Some(at) = sent_at.lock().await.remove(&client_msg_id) {
+                    sent_ids.lock().await.insert(message_id, at);
+                }
+            }
+            ChatEvent::Receipt {
+                message_id,
+                status: TickStatus::Delivered,
+                ..
+            } => {
+                if let Some(at) = sent_ids.lock().await.remove(&message_id) {
+                    let mut tally = tally.lock().await;
+                    if let Some(histogram) = tally.double_tick.as_mut() {
+                        let _ = histogram.record(at.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+            ChatEvent::Closed { .. } => return,
+            _ => {}
+        }
+    }
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1_000.0
+}
+
+async fn run_traffic(
+    args: &Args,
+    users: usize,
+    messages_per_user: usize,
+    payload_bytes: usize,
+    rate_opt: Option<u64>,
+    scenario: &'static str,
+) -> anyhow::Result<Report> {
+    if users < 2 {
+        bail!("at least two users");
+    }
+    let people = register_users(args, users, "o").await?;
+    let epoch = Instant::now();
+    let tally = Arc::new(Mutex::new(Tally {
+        one_way: Some(histogram()),
+        double_tick: Some(histogram()),
+        ..Tally::default()
+    }));
+    let sent_at = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let sent_ids = Arc::new(Mutex::new(std::collections::HashMap::new()));
+    let mut handles = Vec::with_capacity(users);
+    for user in &people {
+        let (handle, events) = connect(user).await?;
+        tokio::spawn(collect(
+            events,
+            epoch,
+            tally.clone(),
+            sent_at.clone(),
+            sent_ids.clone(),
+        ));
+        handles.push(handle);
+    }
+    let total = (users * messages_per_user) as u64;
+    let cpu_before = cpu_seconds();
+    let start = Instant::now();
+    let interval_opt = rate_opt.map(|rate| Duration::from_secs_f64(users as f64 / rate as f64));
+    let mut senders = Vec::new();
+    for (index, handle) in handles.iter().enumerate() {
+        let handle = handle.clone();
+        let recipients: Vec<String> = people
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, user)| user.credentials.user_id.clone())
+            .collect();
+        let sent_at = sent_at.clone();
+        senders.push(tokio::spawn(async move {
+            let mut ticker = interval_opt.map(|every| {
+                let offset = every.mul_f64(index as f64 / users as f64);
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, every)
+            });
+            for _ in 0..messages_per_user {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
+                let recipient = &recipients[rand::random_range(0..recipients.len())];
+                let body = payload(epoch, index as u32, payload_bytes);
+                let at = Instant::now();
+                let id = handle.send(recipient, body).await?;
+                sent_at.lock().await.insert(id, at);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for sender in senders {
+        sender.await??;
+    }
+    let deadline = start + Duration::from_secs(args.deadline_secs);
+    loop {
+        let received = tally.lock().await.received;
+        if received >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A short grace period to catch duplicates and late double ticks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = cpu_seconds() - cpu_before;
+    let tally = tally.lock().await;
+    let end = tally.last_delivery.unwrap_or_else(Instant::now);
+    let seconds = end.duration_since(start).as_secs_f64();
+    let one_way = tally.one_way.as_ref();
+    let double_tick = tally.double_tick.as_ref();
+    for handle in handles {
+        let _ = handle.close().await;
+    }
+    Ok(Report {
+        scenario,
+        messages: tally.received,
+        lost: total.saturating_sub(tally.received),
+        duplicated: tally.duplicated,
+        seconds,
+        messages_per_second: tally.received as f64 / seconds.max(1e-9),
+        one_way_p50_ms: one_way.map_or(0.0, |h| ms(h.value_at_quantile(0.5))),
+        one_way_p99_ms: one_way.map_or(0.0, |h| ms(h.value_at_quantile(0.99))),
+        one_way_max_ms: one_way.map_or(0.0, |h| ms(h.max())),
+        double_tick_p50_ms: double_tick.map(|h| ms(h.value_at_quantile(0.5))),
+        double_tick_p99_ms: double_tick.map(|h| ms(h.value_at_quantile(0.99))),
+        store_seconds: None,
+        generator_cpu_percent: 100.0 * cpu / seconds.max(1e-9),
+    })
+}
+
+async fn run_offline(
+    args: &Args,
+    users: usize,
+    messages_per_user: usize,
+    payload_bytes: usize,
+) -> anyhow::Result<Report> {
+    let senders = register_users(args, users, "s").await?;
+    let recipients = register_users(args, users, "r").await?;
+    let epoch = Instant::now();
+    let cpu_before = cpu_seconds();
+    let store_start = Instant::now();
+    let mut tasks = Vec::new();
+    for (index, sender) in senders.iter().enumerate() {
+        let (handle, mut events) = connect(sender).await?;
+        let recipient = recipients[index].credentials.user_id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..messages_per_user {
+                ids.push(
+                    handle
+                        .send(&recipient, payload(epoch, index as u32, payload_bytes))
+                        .await?,
+                );
+            }
+            for id in ids {
+                events.wait_sent(&id, Duration::from_secs(60)).await?;
+            }
+            handle.close().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let store_seconds = store_start.elapsed().as_secs_f64();
+    let total = (users * messages_per_user) as u64;
+    let tally = Arc::new(Mutex::new(Tally {
+        one_way: Some(histogram()),
+        ..Tally::default()
+    }));
+    let drain_start = Instant::now();
+    let mut connects = Vec::new();
+    for recipient in &recipients {
+        let credentials = recipient.credentials.clone();
+        connects.push(tokio::spawn(async move {
+            let client = BluetickClient::new(credentials)?;
+            let config = ChatConfig {
+                event_buffer: 8_192,
+                ..ChatConfig::default()
+            };
+            anyhow::Ok(client.open_chat(config).await?)
+        }));
+    }
+    let mut handles = Vec::new();
+    for connect in connects {
+        let (handle, events) = connect.await??;
+        let none = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        tokio::spawn(collect(
+            events,
+            epoch,
+            tally.clone(),
+            none.clone(),
+            Arc::new(Mutex::new(std::collections::HashMap::new())),
+        ));
+        handles.push(handle);
+    }
+    let deadline = drain_start + Duration::from_secs(args.deadline_secs);
+    loop {
+        let received = tally.lock().await.received;
+        if received >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let cpu = cpu_seconds() - cpu_before;
+    let tally = tally.lock().await;
+    let seconds = tally
+        .last_delivery
+        .unwrap_or_else(Instant::now)
+        .duration_since(drain_start)
+        .as_secs_f64();
+    for handle in handles {
+        let _ = handle.close().await;
+    }
+    Ok(Report {
+        scenario: "offline",
+        messages: tally.received,
+        lost: total.saturating_sub(tally.received),
+        duplicated: tally.duplicated,
+        seconds,
+        messages_per_second: tally.received as f64 / seconds.max(1e-9),
+        store_seconds: Some(store_seconds),
+        generator_cpu_percent: 100.0 * cpu / (store_seconds + seconds).max(1e-9),
+        ..Report::default()
+    })
+}
+
+fn print(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+        return Ok(());
+    }
+    let name = report.scenario;
+    println!(
+        "{name}: delivered {} messages, lost {}, duplicated {}",
+        report.messages, report.lost, report.duplicated
+    );
+    println!(
+        "{name}: {:.0} msgs/s over {:.2} s",
+        report.messages_per_second, report.seconds
+    );
+    if let Some(store) = report.store_seconds {
+        println!(
+            "{name}: stored in {store:.2} s, drained in {:.2} s",
+            report.seconds
+        );
+    } else {
+        println!(
+            "{name}: one-way latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            report.one_way_p50_ms, report.one_way_p99_ms, report.one_way_max_ms
+        );
+    }
+    if let (Some(p50), Some(p99)) = (report.double_tick_p50_ms, report.double_tick_p99_ms) {
+        println!("{name}: send -> double tick p50 {p50:.2} ms, p99 {p99:.2} ms");
+    }
+    println!(
+        "{name}: generator CPU {:.0}% of one core",
+        report.generator_cpu_percent
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let report = match args.scenario.clone() {
+        Scenario::Online {
+            users,
+            messages,
+            payload_bytes,
+        } => run_traffic(&args, users, messages, payload_bytes, None, "online").await?,
+        Scenario::Paced {
+            users,
+            rate,
+            seconds,
+            payload_bytes,
+        } => {
+            let per_user = ((rate * seconds) as usize / users).max(1);
+            run_traffic(&args, users, per_user, payload_bytes, Some(rate), "paced").await?
+        }
+        Scenario::Offline {
+            users,
+            messages,
+            payload_bytes,
+        } => run_offline(&args, users, messages, payload_bytes).await?,
+    };
+    print(&report, args.json)?;
+    if report.lost > 0 || report.duplicated > 0 {
+        bail!("{} lost, {} duplicated", report.lost, report.duplicated);
+    }
+    Ok(())
+}
