@@ -89,7 +89,7 @@ cmd_install() {
     local staging="${LIB_DIR}.tmp"
     rm -rf "$staging"
     mkdir -p "$CACHE_DIR"
-    mvn -B -q -f "${CONF_DIR}/pom.xml" \
+    mvn -B -q -Dstyle.color=never -f "${CONF_DIR}/pom.xml" \
         org.apache.maven.plugins:maven-dependency-plugin:3.11.0:copy-dependencies \
         -DincludeScope=runtime -DoutputDirectory="$staging"
     [[ -f "${staging}/cassandra-all-${CASSANDRA_VERSION}.jar" ]] ||
