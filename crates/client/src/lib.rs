@@ -9,6 +9,8 @@
 //!   automatic acknowledgements.
 //! - [`media`]: streaming, hash-verified upload and download.
 //! - [`Content`]: the JSON message format of the CLI and the tests.
+//! - [`e2e`]: end-to-end encryption: [`e2e::SecureChat`] seals every message and file for
+//!   each device of the recipient (X3DH, double ratchet, baseline sealing, safety numbers).
 //! - [`ClientError`]: typed errors mapped from gRPC statuses, with a retry hint.
 //!
 //! Payloads are opaque bytes everywhere, so an end-to-end encryption layer can seal them
@@ -35,6 +37,7 @@ pub mod chat;
 mod content;
 mod credentials;
 mod dedup;
+pub mod e2e;
 mod error;
 pub mod media;
 
@@ -46,6 +49,7 @@ pub use chat::{ChatConfig, ChatEvent, ChatEvents, ChatHandle, new_client_msg_id}
 pub use content::Content;
 pub use credentials::{Credentials, DEFAULT_GATEWAY_URL, DEFAULT_MEDIA_URL};
 pub use dedup::DedupWindow;
+pub use e2e::{E2eError, E2eResult, SecureChat, SecureEvent, SecureEvents};
 pub use error::{ClientError, ClientResult};
 pub use media::{Progress, Uploaded, no_progress};
 
