@@ -10,6 +10,8 @@
 
 CARGO ?= cargo
 ARGS ?=
+STORE ?=
+MEDIA ?=
 export CARGO
 
 # The phases of `make test`, in order; each is a target below. Later suites (storage
@@ -38,8 +40,10 @@ test-python:
 test:
 	MAKE="$(MAKE)" bash scripts/run-phases.sh $(TEST_PHASES)
 
+# STORE and MEDIA point the services at engines, e.g.
+#   make run STORE=scylla://127.0.0.1:9042/bluetick MEDIA='s3://bluetick-media?endpoint=http://127.0.0.1:8333'
 run:
-	$(CARGO) run -p bluetick-dev --bin bluetick-dev -- --data-dir ./data $(ARGS)
+	BLUETICK_STORE="$(STORE)" BLUETICK_MEDIA="$(MEDIA)" $(CARGO) run -p bluetick-dev --bin bluetick-dev -- --data-dir ./data $(ARGS)
 
 clean-data:
 	rm -rf ./data

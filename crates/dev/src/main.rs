@@ -17,6 +17,14 @@ struct Args {
     /// Address every server binds.
     #[arg(long, env = "BLUETICK_HOST", default_value = "127.0.0.1")]
     host: String,
+    /// Store URL for every service instead of the embedded stores under --data-dir, e.g.
+    /// `scylla://127.0.0.1:9042/bluetick`.
+    #[arg(long, env = "BLUETICK_STORE")]
+    store: Option<String>,
+    /// Blob store URL instead of `<data-dir>/media`, e.g.
+    /// `s3://bluetick-media?endpoint=http://127.0.0.1:8333`.
+    #[arg(long, env = "BLUETICK_MEDIA")]
+    media: Option<String>,
     /// Let the OS pick every port (see --endpoints-file).
     #[arg(long)]
     ephemeral_ports: bool,
@@ -76,6 +84,8 @@ async fn main() -> anyhow::Result<()> {
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.message_ttl = Duration::from_secs(args.message_ttl_days * 24 * 3600);
     config.max_upload_bytes = args.max_upload_bytes;
+    config.store_url = args.store.filter(|url| !url.is_empty());
+    config.media_url = args.media.filter(|url| !url.is_empty());
     let cluster = DevCluster::start(config).await?;
     let endpoints = &cluster.endpoints;
     tracing::info!(
