@@ -2,7 +2,7 @@
 # Checks the deployment artifacts offline (no cluster, no network once the tools exist):
 #
 #   1. helm lint helm/bluetick, with the default values and with every helm/bluetick/ci/*.yaml
-#   2. helm template with the default values and with every ci values file; every rendered
+#   2. helm template (and NOTES.txt) with the default values and with every ci values file; every rendered
 #      object is validated by kubernetes-validate against the Kubernetes $BLUETICK_KUBE_VERSION
 #      (default 1.30.0) OpenAPI schemas, strictly (unknown fields are errors)
 #   3. the same validation for k8s/*.yaml and k8s/examples/*.yaml; every file a
@@ -63,6 +63,20 @@ for values in "${ci_values[@]}"; do
 done
 log "validating ${#rendered[@]} renderings against Kubernetes ${kube_version} (strict)"
 validate_objects "${rendered[@]}"
+
+# NOTES.txt renders with every values file (helm template skips NOTES.txt, and helm install
+# --dry-run wants a cluster: render it as a string through tpl in a copy of the chart).
+notes_chart="${work_dir}/notes-chart"
+cp -r "$chart_dir" "$notes_chart"
+mv "${notes_chart}/templates/NOTES.txt" "${notes_chart}/notes.txt"
+printf '%s\n' 'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}' >"${notes_chart}/templates/notes.yaml"
+for values in "" "${ci_values[@]}"; do
+    "$helm_bin" template bluetick "$notes_chart" --kube-version "$kube_version" \
+        --show-only templates/notes.yaml ${values:+-f "$values"} >"${work_dir}/notes.yaml" ||
+        die "NOTES.txt does not render${values:+ with ${values}}"
+    grep -q 'port-forward\|loadBalancer' "${work_dir}/notes.yaml" ||
+        die "NOTES.txt${values:+ with ${values}} does not say how to reach the gateway"
+done
 
 # 3. The plain manifests and the examples.
 mapfile -t manifests < <(find k8s k8s/examples -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml | sort)
