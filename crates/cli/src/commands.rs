@@ -4,9 +4,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bluetick_client::e2e::media::{download_decrypted_path, upload_encrypted_path};
+use bluetick_client::e2e::{MediaAttachment, safety_number_for, setup_device};
 use bluetick_client::{
-    BluetickClient, ChatConfig, ChatEvent, ChatEvents, ChatHandle, Content, LastSeenVisibility,
-    TickStatus, media::is_sha256_hex, register,
+    BluetickClient, ChatConfig, ChatEvent, Content, LastSeenVisibility, SecureChat, SecureEvent,
+    SecureEvents, TickStatus, media::is_sha256_hex, register,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
@@ -38,14 +40,8 @@ pub async fn run(profile: Profile, command: Command) -> Result<()> {
         Command::Devices { user } => devices(&profile, user).await,
         Command::Send { user, text, wait } => {
             let client = client_for(&profile)?;
-            send_and_wait(
-                &profile,
-                &client,
-                &user,
-                &Content::Text(text.join(" ")),
-                wait,
-            )
-            .await
+            let content = Content::Text(text.join(" "));
+            send_and_wait(&profile, &client, &user, Outgoing::Content(&content), wait).await
         }
         Command::Listen { read, save_dir } => {
             let policy = if read {
@@ -102,10 +98,19 @@ pub async fn run(profile: Profile, command: Command) -> Result<()> {
             if !is_sha256_hex(&sha256) {
                 bail!("{sha256:?} is not a SHA-256 (64 hex digits)");
             }
+            if let Some(attachment) = profile.load_attachments()?.get(&sha256) {
+                let size = download_decrypted_with_bar(&client, attachment, &out).await?;
+                println!(
+                    "saved {} ({size} bytes, sha256 verified, decrypted)",
+                    out.display()
+                );
+                return Ok(());
+            }
             let size = download_with_bar(&client, &sha256, &out).await?;
             println!("saved {} ({size} bytes, sha256 verified)", out.display());
             Ok(())
         }
+        Command::SafetyNumber { user } => safety_number(&profile, &user).await,
         Command::SendPhoto {
             user,
             file,
@@ -114,17 +119,16 @@ pub async fn run(profile: Profile, command: Command) -> Result<()> {
             wait,
         } => {
             let client = client_for(&profile)?;
-            let uploaded = upload_with_bar(&client, &file).await?;
-            let content = Content::Media {
-                sha256: uploaded.sha256,
-                size: uploaded.size,
-                mime: mime.unwrap_or_else(|| render::guess_mime(&file).to_string()),
-                name: file
-                    .file_name()
-                    .map(|name| name.to_string_lossy().into_owned()),
-                caption,
-            };
-            send_and_wait(&profile, &client, &user, &content, wait).await
+            let mime = mime.unwrap_or_else(|| render::guess_mime(&file).to_string());
+            let attachment = upload_encrypted_with_bar(&client, &file, &mime, caption).await?;
+            send_and_wait(
+                &profile,
+                &client,
+                &user,
+                Outgoing::Attachment(&attachment),
+                wait,
+            )
+            .await
         }
     }
 }
@@ -155,6 +159,19 @@ async fn register_user(
         credentials.device_id,
         profile.credentials_path().display()
     );
+    publish_keys(profile, &BluetickClient::new(credentials)?).await
+}
+
+/// Creates (or loads) the device's keys and publishes the public halves.
+async fn publish_keys(profile: &Profile, client: &BluetickClient) -> Result<()> {
+    let device = setup_device(client, profile.key_store()?)
+        .await
+        .context("could not publish the device's end-to-end keys")?;
+    println!(
+        "end-to-end encryption keys published (identity {}…); private keys stay in {}",
+        &hex::encode(device.identity_public())[..16],
+        profile.dir.join("keys").display()
+    );
     Ok(())
 }
 
@@ -174,7 +191,7 @@ async fn add_device(profile: &Profile, new_profile_name: &str) -> Result<()> {
         "added device {} to {}; use it with --profile {new_profile_name}",
         credentials.device_id, credentials.user_id
     );
-    Ok(())
+    publish_keys(&new_profile, &BluetickClient::new(credentials)?).await
 }
 
 fn whoami(profile: &Profile) -> Result<()> {
@@ -203,13 +220,30 @@ async fn devices(profile: &Profile, user_opt: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Sends `content`, prints the single tick, then waits up to `wait` for the double and blue
-/// ticks. Incoming messages are left on the server (not acknowledged) for `listen`/`read`.
+/// What `send` and `send-photo` send.
+#[derive(Debug, Clone, Copy)]
+enum Outgoing<'a> {
+    Content(&'a Content),
+    Attachment(&'a MediaAttachment),
+}
+
+/// Opens an encrypted chat session for the profile's device (publishing keys if needed).
+async fn open_secure(
+    profile: &Profile,
+    client: &BluetickClient,
+    config: ChatConfig,
+) -> Result<(SecureChat, SecureEvents)> {
+    Ok(SecureChat::open(client, profile.key_store()?, config).await?)
+}
+
+/// Seals and sends `outgoing`, prints the single tick, then waits up to `wait` for the
+/// double and blue ticks. Incoming messages are left on the server (not acknowledged) for
+/// `listen`/`read`.
 async fn send_and_wait(
     profile: &Profile,
     client: &BluetickClient,
     user: &str,
-    content: &Content,
+    outgoing: Outgoing<'_>,
     wait: Duration,
 ) -> Result<()> {
     let config = ChatConfig {
@@ -217,32 +251,68 @@ async fn send_and_wait(
         auto_confirm_receipts: false,
         ..ChatConfig::default()
     };
-    let (chat, mut events) = client.open_chat(config).await?;
-    let result = send_on_session(profile, &chat, &mut events, user, content, wait).await;
+    let (chat, mut events) = open_secure(profile, client, config).await?;
+    let result = send_on_session(profile, &chat, &mut events, user, outgoing, wait).await;
     chat.close().await?;
     result
 }
 
 async fn send_on_session(
     profile: &Profile,
-    chat: &ChatHandle,
-    events: &mut ChatEvents,
+    chat: &SecureChat,
+    events: &mut SecureEvents,
     user: &str,
-    content: &Content,
+    outgoing: Outgoing<'_>,
     wait: Duration,
 ) -> Result<()> {
     let colour = render::colour_enabled();
-    let client_msg_id = chat.send_content(user, content).await?;
-    let message_id = events
-        .wait_sent(&client_msg_id, SEND_TIMEOUT)
-        .await
-        .with_context(|| format!("message to {user} not sent"))?;
-    let summary = content.summary();
+    let (client_msg_id, summary) = match outgoing {
+        Outgoing::Content(content) => (chat.send_content(user, content).await?, content.summary()),
+        Outgoing::Attachment(attachment) => (
+            chat.send_attachment(user, attachment).await?,
+            format!(
+                "[{} {}, {} bytes, encrypted]",
+                attachment.mime,
+                attachment.name.as_deref().unwrap_or("file"),
+                attachment.size
+            ),
+        ),
+    };
+    let deadline = tokio::time::Instant::now() + SEND_TIMEOUT;
+    let message_id = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match events
+            .next_event(left)
+            .await
+            .with_context(|| format!("message to {user} not sent"))?
+        {
+            SecureEvent::IdentityChanged(warning) => {
+                println!("⚠ {}", render::sanitize(&warning.to_string()));
+            }
+            SecureEvent::Chat(ChatEvent::Sent {
+                client_msg_id: id,
+                message_id,
+                ..
+            }) if id == client_msg_id => break message_id,
+            SecureEvent::Chat(ChatEvent::SendFailed {
+                client_msg_id: id,
+                code,
+                message,
+                ..
+            }) if id == client_msg_id => {
+                bail!("message to {user} not sent ({code:?}: {message})");
+            }
+            SecureEvent::Chat(ChatEvent::Closed {
+                error_opt: Some(error),
+            }) => return Err(error.into()),
+            _ => {}
+        }
+    };
     let mut sent_log = profile.load_sent_log()?;
     sent_log.record_sent(message_id, user, &summary);
     profile.save_sent_log(&sent_log)?;
     println!(
-        "{} sent to {user} (message {message_id})",
+        "{} sent to {user}, end-to-end encrypted (message {message_id})",
         render::ticks(TickStatus::Sent, colour)
     );
     let deadline = tokio::time::Instant::now() + wait;
@@ -251,23 +321,15 @@ async fn send_on_session(
         if left.is_zero() {
             break;
         }
-        let event = events
-            .next_event_matching(
-                |event| {
-                    matches!(event, ChatEvent::Receipt { message_id: id, .. } if *id == message_id)
-                        || matches!(event, ChatEvent::Closed { .. })
-                },
-                left,
-            )
-            .await;
-        match event {
-            Ok(ChatEvent::Receipt {
+        match events.next_event(left).await {
+            Ok(SecureEvent::Chat(ChatEvent::Receipt {
                 receipt_id,
+                message_id: id,
                 recipient,
                 status,
                 ..
-            }) => {
-                chat.confirm_receipts(vec![receipt_id]).await?;
+            })) if id == message_id => {
+                chat.chat().confirm_receipts(vec![receipt_id]).await?;
                 sent_log.record_status(message_id, status);
                 profile.save_sent_log(&sent_log)?;
                 let word = if status == TickStatus::Read {
@@ -280,10 +342,11 @@ async fn send_on_session(
                     break;
                 }
             }
-            Ok(ChatEvent::Closed {
+            Ok(SecureEvent::Chat(ChatEvent::Closed {
                 error_opt: Some(error),
-            }) => return Err(error.into()),
-            _ => break,
+            })) => return Err(error.into()),
+            Ok(SecureEvent::Chat(ChatEvent::Closed { error_opt: None })) | Err(_) => break,
+            Ok(_) => {}
         }
     }
     Ok(())
@@ -301,13 +364,13 @@ async fn listen(
     }
     let mut display = Display::new(profile.clone(), client.clone(), policy)?;
     display.save_dir_opt = save_dir_opt;
-    let (chat, mut events) = client.open_chat(ChatConfig::default()).await?;
-    println!("listening (Ctrl-C to stop)");
+    let (chat, mut events) = open_secure(profile, &client, ChatConfig::default()).await?;
+    println!("listening, end-to-end encrypted (Ctrl-C to stop)");
     let result = loop {
         tokio::select! {
             event_opt = events.recv() => match event_opt {
                 None => break Ok(()),
-                Some(event) => match display.handle(&chat, event).await {
+                Some(event) => match display.handle(chat.chat(), event).await {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Stop) => break Ok(()),
                     Err(error) => break Err(error),
@@ -337,10 +400,10 @@ async fn chat(
     )?;
     display.save_dir_opt = save_dir_opt;
     display.verbose_connection = false;
-    let (chat, mut events) = client.open_chat(ChatConfig::default()).await?;
-    chat.watch_presence(vec![peer.to_string()]).await?;
+    let (chat, mut events) = open_secure(profile, &client, ChatConfig::default()).await?;
+    chat.chat().watch_presence(vec![peer.to_string()]).await?;
     println!(
-        "chatting with {peer}: type a line and press Enter; /photo FILE sends a file; /quit or Ctrl-D ends"
+        "chatting with {peer}, end-to-end encrypted: type a line and press Enter; /photo FILE sends a file; /quit or Ctrl-D ends"
     );
 
     // Unread messages from the peer kept locally by earlier sessions.
@@ -361,7 +424,7 @@ async fn chat(
     }
     if !earlier.is_empty() {
         let ids: Vec<u64> = earlier.iter().map(|stored| stored.message_id).collect();
-        chat.mark_read(ids.clone()).await?;
+        chat.chat().mark_read(ids.clone()).await?;
         display.inbox.remove(&ids);
         profile.save_inbox(&display.inbox)?;
     }
@@ -379,7 +442,7 @@ async fn chat(
         tokio::select! {
             event_opt = events.recv() => match event_opt {
                 None => break Ok(()),
-                Some(event) => match display.handle(&chat, event).await {
+                Some(event) => match display.handle(chat.chat(), event).await {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Stop) => break Ok(()),
                     Err(error) => break Err(error),
@@ -394,20 +457,30 @@ async fn chat(
                 if line == "/quit" {
                     break Ok(());
                 }
-                let content = if let Some(path) = line.strip_prefix("/photo ") {
-                    match upload_content(&client, Path::new(path.trim())).await {
-                        Ok(content) => content,
+                let sent = if let Some(path) = line.strip_prefix("/photo ") {
+                    let file = Path::new(path.trim());
+                    let mime = render::guess_mime(file);
+                    match upload_encrypted_with_bar(&client, file, mime, None).await {
+                        Ok(attachment) => {
+                            let summary = format!(
+                                "[{mime} {}, {} bytes, encrypted]",
+                                attachment.name.as_deref().unwrap_or("file"),
+                                attachment.size
+                            );
+                            chat.send_attachment(peer, &attachment).await.map(|id| (id, summary))
+                        }
                         Err(error) => {
                             println!("  ✗ {error:#}");
                             continue;
                         }
                     }
                 } else {
-                    Content::Text(line)
+                    let content = Content::Text(line);
+                    chat.send_content(peer, &content).await.map(|id| (id, content.summary()))
                 };
-                match chat.send_content(peer, &content).await {
-                    Ok(client_msg_id) => display.note_send(client_msg_id, peer, content.summary()),
-                    Err(error) => break Err(error.into()),
+                match sent {
+                    Ok((client_msg_id, summary)) => display.note_send(client_msg_id, peer, summary),
+                    Err(error) => println!("  ✗ not sent: {error}"),
                 }
             }
             _ = tokio::signal::ctrl_c() => break Ok(()),
@@ -415,25 +488,12 @@ async fn chat(
     };
     chat.close().await?;
     // Show what the close flushed (single ticks of the last sends).
-    while let Some(event) = events.try_recv() {
-        if display.handle(&chat, event).await? == Flow::Stop {
+    while let Ok(event) = events.next_event(Duration::from_millis(50)).await {
+        if display.handle(chat.chat(), event).await? == Flow::Stop {
             break;
         }
     }
     result
-}
-
-async fn upload_content(client: &BluetickClient, file: &Path) -> Result<Content> {
-    let uploaded = upload_with_bar(client, file).await?;
-    Ok(Content::Media {
-        sha256: uploaded.sha256,
-        size: uploaded.size,
-        mime: render::guess_mime(file).to_string(),
-        name: file
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned()),
-        caption: None,
-    })
 }
 
 async fn read(profile: &Profile) -> Result<()> {
@@ -443,18 +503,34 @@ async fn read(profile: &Profile) -> Result<()> {
         auto_confirm_receipts: false,
         ..ChatConfig::default()
     };
-    let (chat, mut events) = client.open_chat(config).await?;
+    let (chat, mut events) = open_secure(profile, &client, config).await?;
     let mut inbox = profile.load_inbox()?;
     let deadline = tokio::time::Instant::now() + BACKLOG_TIMEOUT;
+    let mut undecryptable = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match events.next_event(left).await {
-            Ok(ChatEvent::Message(message)) => {
-                inbox.add(crate::profile::StoredMessage::from_inbound(&message));
+            Ok(SecureEvent::Message(message)) => {
+                if let Some(attachment) = &message.attachment_opt {
+                    profile.remember_attachment(attachment)?;
+                }
+                inbox.add(crate::profile::StoredMessage::from_opened(&message));
                 profile.save_inbox(&inbox)?;
             }
-            Ok(ChatEvent::BacklogDone { .. }) => break,
-            Ok(ChatEvent::Closed { error_opt }) => {
+            Ok(SecureEvent::Undecryptable { message, error }) => {
+                let sender = message.sender.unwrap_or_default();
+                println!(
+                    "! a message from {}/{} could not be opened: {error}",
+                    render::sanitize(&sender.user_id),
+                    sender.device_id
+                );
+                undecryptable.push(message.message_id);
+            }
+            Ok(SecureEvent::IdentityChanged(warning)) => {
+                println!("⚠ {}", render::sanitize(&warning.to_string()));
+            }
+            Ok(SecureEvent::Chat(ChatEvent::BacklogDone { .. })) => break,
+            Ok(SecureEvent::Chat(ChatEvent::Closed { error_opt })) => {
                 if let Some(error) = error_opt {
                     return Err(error.into());
                 }
@@ -485,13 +561,35 @@ async fn read(profile: &Profile) -> Result<()> {
             );
         }
     }
-    let ids: Vec<u64> = inbox.messages.keys().copied().collect();
+    let mut ids: Vec<u64> = inbox.messages.keys().copied().collect();
+    ids.extend(undecryptable);
     if !ids.is_empty() {
-        chat.mark_read(ids.clone()).await?;
+        chat.chat().mark_read(ids.clone()).await?;
     }
     chat.close().await?;
     inbox.remove(&ids);
     profile.save_inbox(&inbox)?;
+    Ok(())
+}
+
+async fn safety_number(profile: &Profile, user: &str) -> Result<()> {
+    let client = client_for(profile)?;
+    let device = setup_device(&client, profile.key_store()?).await?;
+    let number = safety_number_for(&client, &device, user).await?;
+    for warning in &number.warnings {
+        println!("⚠ {}", render::sanitize(&warning.to_string()));
+    }
+    println!(
+        "safety number with {}:\n\n    {}\n    {}\n",
+        render::sanitize(user),
+        &number.number[..35],
+        &number.number[36..]
+    );
+    println!(
+        "compare it with {}'s screen (`bluetick safety-number {}`); if they match, no one is in between",
+        render::sanitize(user),
+        render::sanitize(&client.credentials().user_id)
+    );
     Ok(())
 }
 
@@ -536,6 +634,46 @@ async fn upload_with_bar(
     let result = client.upload_path(file, progress).await;
     bar.finish_and_clear();
     result.with_context(|| format!("upload of {} failed", file.display()))
+}
+
+async fn upload_encrypted_with_bar(
+    client: &BluetickClient,
+    file: &Path,
+    mime: &str,
+    caption_opt: Option<String>,
+) -> Result<MediaAttachment> {
+    let size = tokio::fs::metadata(file)
+        .await
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    let bar = progress_bar(Some(size));
+    let progress = {
+        let bar = bar.clone();
+        move |done: u64, _total_opt: Option<u64>| bar.set_position(done)
+    };
+    let result = upload_encrypted_path(client, file, mime, caption_opt, progress).await;
+    bar.finish_and_clear();
+    result.with_context(|| format!("encrypted upload of {} failed", file.display()))
+}
+
+async fn download_decrypted_with_bar(
+    client: &BluetickClient,
+    attachment: &MediaAttachment,
+    out: &Path,
+) -> Result<u64> {
+    let bar = progress_bar(Some(attachment.size));
+    let progress = {
+        let bar = bar.clone();
+        move |done: u64, total_opt: Option<u64>| {
+            if let Some(total) = total_opt {
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        }
+    };
+    let result = download_decrypted_path(client, attachment, out, progress).await;
+    bar.finish_and_clear();
+    result.with_context(|| format!("download of {} failed", attachment.sha256))
 }
 
 async fn download_with_bar(client: &BluetickClient, sha256: &str, out: &Path) -> Result<u64> {

@@ -1,13 +1,16 @@
-//! Shows a chat session's events and keeps the profile's local state in step: unread
-//! messages go to the local inbox (unless marked read on display), own messages' ticks go
-//! to the sent log.
+//! Shows an encrypted chat session's events and keeps the profile's local state in step:
+//! opened messages go to the local inbox (unless marked read on display), own messages'
+//! ticks go to the sent log, keys of received media to the attachment list; identity-key
+//! changes and messages that do not open are shown as warnings.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use bluetick_client::e2e::MediaAttachment;
+use bluetick_client::e2e::media::download_decrypted_path;
 use bluetick_client::{
-    BluetickClient, ChatEvent, ChatHandle, Content, InboundMessage, PresenceState, TickStatus,
+    BluetickClient, ChatEvent, ChatHandle, PresenceState, SecureEvent, SecureMessage, TickStatus,
 };
 
 use crate::commands::progress_bar;
@@ -74,38 +77,40 @@ impl Display {
     pub(crate) async fn show_message(
         &mut self,
         chat: &ChatHandle,
-        message: &InboundMessage,
+        message: &SecureMessage,
     ) -> Result<()> {
-        let sender = message.sender.clone().unwrap_or_default();
         println!(
             "[{}] {}: {}",
             render::clock(message.sent_at_ms),
-            render::sanitize(&sender.user_id),
-            render::payload_summary(&message.payload)
+            render::sanitize(&message.sender.user_id),
+            render::sanitize(&message.content.summary())
         );
-        if let Ok(Content::Media { sha256, name, .. }) = Content::decode(&message.payload) {
-            self.show_media(&sha256, name.as_deref()).await;
+        if let Some(attachment) = &message.attachment_opt {
+            self.profile.remember_attachment(attachment)?;
+            self.show_media(attachment).await;
         }
         let mark_read = match &self.read_policy {
             ReadPolicy::Never => false,
             ReadPolicy::All => true,
-            ReadPolicy::From(user) => *user == sender.user_id,
+            ReadPolicy::From(user) => *user == message.sender.user_id,
         };
         if mark_read {
             chat.mark_read(vec![message.message_id]).await?;
             self.inbox.remove(&[message.message_id]);
         } else {
-            self.inbox.add(StoredMessage::from_inbound(message));
+            self.inbox.add(StoredMessage::from_opened(message));
         }
         self.profile.save_inbox(&self.inbox)
     }
 
-    async fn show_media(&self, sha256: &str, name_opt: Option<&str>) {
-        let safe_sha = render::sanitize(sha256);
-        let file_name =
-            render::safe_file_name(name_opt, &safe_sha.chars().take(16).collect::<String>());
+    async fn show_media(&self, attachment: &MediaAttachment) {
+        let safe_sha = render::sanitize(&attachment.sha256);
+        let file_name = render::safe_file_name(
+            attachment.name.as_deref(),
+            &safe_sha.chars().take(16).collect::<String>(),
+        );
         let Some(save_dir) = &self.save_dir_opt else {
-            println!("    sha256 {safe_sha}");
+            println!("    encrypted file, sha256 {safe_sha}");
             println!("    bluetick download {safe_sha} '{file_name}'");
             return;
         };
@@ -126,11 +131,11 @@ impl Display {
                 bar.set_position(done);
             }
         };
-        let result = self.client.download_path(sha256, &target, progress).await;
+        let result = download_decrypted_path(&self.client, attachment, &target, progress).await;
         bar.finish_and_clear();
         match result {
             Ok(size) => println!(
-                "    saved {} ({size} bytes, sha256 verified)",
+                "    saved {} ({size} bytes, hash verified, decrypted)",
                 target.display()
             ),
             Err(error) => println!("    could not download {safe_sha}: {error}"),
@@ -145,7 +150,31 @@ impl Display {
     }
 
     /// Shows one event; returns whether to go on.
-    pub(crate) async fn handle(&mut self, chat: &ChatHandle, event: ChatEvent) -> Result<Flow> {
+    pub(crate) async fn handle(&mut self, chat: &ChatHandle, event: SecureEvent) -> Result<Flow> {
+        let event = match event {
+            SecureEvent::Message(message) => {
+                self.show_message(chat, &message).await?;
+                return Ok(Flow::Continue);
+            }
+            SecureEvent::Undecryptable { message, error } => {
+                let sender = message.sender.unwrap_or_default();
+                println!(
+                    "! a message from {}/{} could not be opened: {error}",
+                    render::sanitize(&sender.user_id),
+                    sender.device_id
+                );
+                return Ok(Flow::Continue);
+            }
+            SecureEvent::IdentityChanged(warning) => {
+                println!("⚠ {}", render::sanitize(&warning.to_string()));
+                println!(
+                    "  check with: bluetick safety-number {}",
+                    render::sanitize(&warning.device.user_id)
+                );
+                return Ok(Flow::Continue);
+            }
+            SecureEvent::Chat(event) => event,
+        };
         match event {
             ChatEvent::Connected {
                 device, reconnects, ..
@@ -167,7 +196,10 @@ impl Display {
                     retry_in.as_secs_f64()
                 );
             }
-            ChatEvent::Message(message) => self.show_message(chat, &message).await?,
+            ChatEvent::Message(message) => {
+                // The secure layer opens every message; a raw one never reaches here.
+                println!("! unopened message {}", message.message_id);
+            }
             ChatEvent::Sent {
                 client_msg_id,
                 message_id,

@@ -17,7 +17,8 @@ mod display;
 pub mod profile;
 pub mod render;
 
-/// bluetick from the command line: register, chat with ticks, presence and media.
+/// bluetick from the command line: register, chat with ticks, presence and media, all
+/// end-to-end encrypted.
 #[derive(Debug, Parser)]
 #[command(name = "bluetick", version, about)]
 pub struct Cli {
@@ -120,17 +121,25 @@ pub enum Command {
         /// The contacts.
         users: Vec<String>,
     },
-    /// Upload a file to the media service and print its SHA-256.
+    /// Upload a file to the media service unencrypted and print its SHA-256 (send-photo and
+    /// /photo encrypt).
     Upload {
         /// The file.
         file: PathBuf,
     },
-    /// Download a media blob by SHA-256, verifying it.
+    /// Download a media blob by SHA-256, verifying it (and decrypting it when it came in an
+    /// encrypted message).
     Download {
         /// The blob's SHA-256 (hex).
         sha256: String,
         /// Where to write it.
         out: PathBuf,
+    },
+    /// Show the safety number you and a user compare to rule out a key swap (and warn about
+    /// changed identity keys).
+    SafetyNumber {
+        /// The other user.
+        user: String,
     },
     /// Upload a photo (or any file) and send it as a media message.
     SendPhoto {

@@ -1,14 +1,18 @@
 //! Per-profile state on disk: `<home>/<profile>/` holds `credentials.json` (the device's
 //! token, mode 0600), `inbox.json` (messages received but not read yet, so `read` works
 //! after `listen` acknowledged delivery) and `sent.json` (recent own messages and their
-//! ticks). Files are written to a temporary name and renamed, so a crash never leaves a
-//! half-written file.
+//! ticks), `attachments.json` (keys of encrypted media received, by ciphertext hash, so
+//! `download` can decrypt them) and `keys/` (the device's end-to-end encryption secrets: a
+//! [`FileKeyStore`], folder 0700, files 0600). Messages kept locally are the opened
+//! plaintext; only this device can read them. Files are written to a temporary name and
+//! renamed, so a crash never leaves a half-written file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use bluetick_client::{Credentials, InboundMessage, TickStatus};
+use bluetick_client::e2e::{FileKeyStore, KeyStoreRef, MediaAttachment};
+use bluetick_client::{Credentials, InboundMessage, SecureMessage, TickStatus};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +74,37 @@ impl Profile {
 
     fn sent_path(&self) -> PathBuf {
         self.dir.join("sent.json")
+    }
+
+    fn attachments_path(&self) -> PathBuf {
+        self.dir.join("attachments.json")
+    }
+
+    /// Returns the device's key store (`keys/`, owner only), creating it if needed.
+    pub fn key_store(&self) -> Result<KeyStoreRef> {
+        self.ensure_dir()?;
+        let store = FileKeyStore::open(self.dir.join("keys"))
+            .with_context(|| format!("cannot open the key store of profile {:?}", self.name))?;
+        Ok(std::sync::Arc::new(store))
+    }
+
+    /// Reads the keys of encrypted media received, by ciphertext hash.
+    pub fn load_attachments(&self) -> Result<BTreeMap<String, MediaAttachment>> {
+        let path = self.attachments_path();
+        if !path.exists() {
+            return Ok(BTreeMap::new());
+        }
+        read_json(&path)
+    }
+
+    /// Remembers an encrypted attachment so `download <sha256>` can decrypt it.
+    pub fn remember_attachment(&self, attachment: &MediaAttachment) -> Result<()> {
+        let mut attachments = self.load_attachments()?;
+        attachments.insert(attachment.sha256.clone(), attachment.clone());
+        while attachments.len() > SENT_LOG_CAPACITY {
+            attachments.pop_first();
+        }
+        self.write_json(&self.attachments_path(), &attachments)
     }
 
     /// Returns true when the profile has credentials.
@@ -200,6 +235,17 @@ impl StoredMessage {
             sender_device_id: sender.device_id,
             sent_at_ms: message.sent_at_ms,
             payload_hex: hex::encode(&message.payload),
+        }
+    }
+
+    /// Returns the stored form of an opened message (its plaintext).
+    pub fn from_opened(message: &SecureMessage) -> Self {
+        Self {
+            message_id: message.message_id,
+            sender_user_id: message.sender.user_id.clone(),
+            sender_device_id: message.sender.device_id,
+            sent_at_ms: message.sent_at_ms,
+            payload_hex: hex::encode(&message.plaintext[..]),
         }
     }
 

@@ -49,7 +49,7 @@ pub use chat::{ChatConfig, ChatEvent, ChatEvents, ChatHandle, new_client_msg_id}
 pub use content::Content;
 pub use credentials::{Credentials, DEFAULT_GATEWAY_URL, DEFAULT_MEDIA_URL};
 pub use dedup::DedupWindow;
-pub use e2e::{E2eError, E2eResult, SecureChat, SecureEvent, SecureEvents};
+pub use e2e::{E2eError, E2eResult, SecureChat, SecureEvent, SecureEvents, SecureMessage};
 pub use error::{ClientError, ClientResult};
 pub use media::{Progress, Uploaded, no_progress};
 
