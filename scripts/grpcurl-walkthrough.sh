@@ -154,20 +154,20 @@ health_check() {
         "$address" grpc.health.v1.Health/Check 2>&1)" || status=$?
     if ((status != 0)) && ((${#health_proto_args[@]} == 0)) &&
         grep -q 'does not expose service "grpc.health.v1.Health"' <<<"$output"; then
-        local manifest
-        manifest="$("$cargo_cmd" metadata --format-version 1 --locked 2>/dev/null |
-            sed -n 's|.*"manifest_path":"\([^"]*/tonic-health-[^"/]*/Cargo.toml\)".*|\1|p' | head -n 1)"
-        if [[ -z "$manifest" ]]; then
-            manifest="$("$cargo_cmd" metadata --format-version 1 --locked 2>/dev/null |
-                grep -o '"manifest_path":"[^"]*/tonic-health-[^"/]*/Cargo.toml"' | head -n 1 |
-                sed 's/"manifest_path":"\(.*\)"/\1/')"
+        # The health.proto of the tonic-health version in Cargo.lock, from cargo's registry
+        # sources (present once the workspace has been built).
+        local version proto_dir=""
+        version="$(sed -n '/^name = "tonic-health"$/{n;s/^version = "\(.*\)"$/\1/p;}' Cargo.lock | head -n 1)"
+        if [[ -n "$version" ]]; then
+            proto_dir="$(find "${CARGO_HOME:-${HOME}/.cargo}/registry/src" -maxdepth 3 -type d \
+                -path "*/tonic-health-${version}/proto" 2>/dev/null | head -n 1 || true)"
         fi
-        [[ -n "$manifest" && -f "$(dirname "$manifest")/proto/health.proto" ]] ||
-            die "grpc.health.v1.Health is not resolvable by reflection and tonic-health's health.proto was not found"
+        [[ -n "$proto_dir" && -f "${proto_dir}/health.proto" ]] ||
+            die "grpc.health.v1.Health is not resolvable by reflection and tonic-health ${version:-?}'s health.proto was not found"
         log "WARNING: reflection cannot resolve grpc.health.v1.Health (the README's health command fails):" \
             "crates/common/src/server.rs must register tonic_health::pb::FILE_DESCRIPTOR_SET;" \
-            "checking with $(dirname "$manifest")/proto/health.proto instead"
-        health_proto_args=(-import-path "$(dirname "$manifest")/proto" -proto health.proto)
+            "checking with ${proto_dir}/health.proto instead"
+        health_proto_args=(-import-path "$proto_dir" -proto health.proto)
         status=0
         output="$(grpcurl -plaintext "${health_proto_args[@]}" -d '{"service":""}' \
             "$address" grpc.health.v1.Health/Check 2>&1)" || status=$?
