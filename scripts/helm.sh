@@ -75,14 +75,20 @@ with open(os.path.join(out_dir, "kustomization.yaml"), "w") as f:
 PY
 }
 
+# is_generated FILE : true when FILE was written by render_plain.
+is_generated() {
+    [[ -f "$1" ]] && grep -q '^# Generated from helm/bluetick' "$1"
+}
+
 case "${1:-}" in
 render-k8s)
     mkdir -p "$k8s_dir"
     # Remove earlier generated files (a template may have been renamed), keep the rest.
-    find "$k8s_dir" -maxdepth 1 -name '*.yaml' -exec grep -l '^# Generated from helm/bluetick' {} + |
-        xargs -r rm -f
+    for file in "$k8s_dir"/*.yaml; do
+        if is_generated "$file"; then rm -f "$file"; fi
+    done
     render_plain "$k8s_dir"
-    log "rendered $(find "$k8s_dir" -maxdepth 1 -name '*.yaml' | wc -l) files into ${k8s_dir}/"
+    log "rendered helm/bluetick into ${k8s_dir}/ (edit the chart, not these files)"
     ;;
 check-k8s)
     fresh="$(mktemp -d)"
@@ -90,8 +96,9 @@ check-k8s)
     render_plain "$fresh"
     committed="$(mktemp -d)"
     trap 'rm -rf "$fresh" "$committed"' EXIT
-    find "$k8s_dir" -maxdepth 1 -name '*.yaml' -exec grep -l '^# Generated from helm/bluetick' {} + |
-        xargs -r cp -t "$committed"
+    for file in "$k8s_dir"/*.yaml; do
+        if is_generated "$file"; then cp "$file" "$committed/"; fi
+    done
     if ! diff -ru "$committed" "$fresh" >&2; then
         die "k8s/ is out of date with helm/bluetick: run scripts/helm.sh render-k8s and commit"
     fi

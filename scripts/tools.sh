@@ -57,9 +57,9 @@ install_go_tool() {
     mkdir -p "$bin_dir"
     log "building ${name} ${version} with $(go version | cut -d' ' -f3) (go install ${package}@${version})"
     local start=$SECONDS
-    # CGO off: static binaries, no C toolchain needed. GOFLAGS=-mod=mod is harmless for
-    # go install pkg@version and keeps a GOFLAGS from the environment from interfering.
-    GOBIN="$bin_dir" CGO_ENABLED=0 GOFLAGS=-mod=mod go install "${package}@${version}"
+    # CGO off: static binaries, no C toolchain needed. GOFLAGS emptied: a -mod=vendor from
+    # the environment would make `go install pkg@version` fail.
+    GOBIN="$bin_dir" CGO_ENABLED=0 GOFLAGS='' go install "${package}@${version}"
     go_binary_has_module "$binary" "$module" "$version" ||
         die "${binary} is not ${module} ${version} after go install"
     log "built ${name} ${version} in $((SECONDS - start))s"
