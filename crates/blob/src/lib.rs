@@ -11,8 +11,9 @@
 //! - [`BlobStore::stat`] returns a blob's size;
 //! - [`BlobStore::read`] streams a byte range.
 //!
-//! Implementations: [`local`] (files named by hash in one directory, the default) and, later,
-//! S3. [`open_blob_store`] picks one from a URL. The `conformance` suite (feature
+//! Implementations: [`local`] (files named by hash in one directory, the default) and
+//! [`s3`] (objects of an S3 bucket keyed by hash, multipart uploads; feature `s3`, on by
+//! default). [`open_blob_store`] picks one from a URL. The `conformance` suite (feature
 //! `testsuite`) is run against each.
 
 use std::fmt;
@@ -27,9 +28,13 @@ use futures::stream::BoxStream;
 pub mod conformance;
 mod hash;
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 pub use hash::{ContentHash, ContentHasher, InvalidContentHash};
 pub use local::LocalBlobStore;
+#[cfg(feature = "s3")]
+pub use s3::{S3BlobStore, S3Config};
 
 /// Why a blob store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,10 @@ pub enum BlobError {
     /// The backend cannot be reached; the call may be retried.
     #[error("blob storage unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered with an error that retrying will not fix (credentials
+    /// refused, missing bucket, a protocol surprise): a misconfiguration or a bug.
+    #[error("blob storage backend error: {0}")]
+    Backend(String),
     /// A local I/O failure or another bug.
     #[error("blob storage i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -71,11 +80,35 @@ impl From<BlobError> for tonic::Status {
                 tracing::warn!(%detail, "blob storage unavailable");
                 tonic::Status::unavailable("blob storage unavailable, try again")
             }
+            BlobError::Backend(detail) => {
+                tracing::error!(%detail, "blob storage backend error");
+                tonic::Status::internal("internal blob storage error")
+            }
             BlobError::Io(error) => {
                 tracing::error!(%error, "blob storage i/o error");
                 tonic::Status::internal("internal blob storage error")
             }
         }
+    }
+}
+
+/// Returns how many bytes a read of `length` (the rest when `None`) from `offset` covers
+/// in a blob of `size` bytes.
+///
+/// # Errors
+/// [`BlobError::InvalidRange`] when the range ends past the blob (or overflows).
+pub(crate) fn checked_read_length(offset: u64, length: Option<u64>, size: u64) -> BlobResult<u64> {
+    let end_opt = match length {
+        Some(length) => offset.checked_add(length),
+        None => Some(size),
+    };
+    match end_opt {
+        Some(end) if offset <= size && end <= size => Ok(end - offset),
+        _ => Err(BlobError::InvalidRange {
+            offset,
+            length,
+            size,
+        }),
     }
 }
 
@@ -155,19 +188,20 @@ pub trait BlobUpload: fmt::Debug + Send {
 }
 
 /// Returns the blob store named by `url`: a directory path (or `file://` + path) for the
-/// local store. `s3://bucket?endpoint=…` is reserved for the S3 store (not built yet).
+/// local store, `s3://bucket[/prefix]?endpoint=…` for the S3 store (see [`S3Config`] for
+/// the parameters; feature `s3`).
 ///
 /// # Errors
-/// [`BlobError::InvalidUrl`] for an empty or unsupported URL, I/O errors creating the folder.
+/// [`BlobError::InvalidUrl`] for an empty, malformed or unsupported URL, I/O errors
+/// creating the folder; for S3, [`BlobError::Unavailable`] when the endpoint cannot be
+/// reached and [`BlobError::Backend`] when the bucket cannot be used.
 pub async fn open_blob_store(url: &str) -> BlobResult<BlobStoreRef> {
     let url = url.trim();
     if url.is_empty() {
         return Err(BlobError::InvalidUrl("empty blob store url".to_string()));
     }
     if url.starts_with("s3://") {
-        return Err(BlobError::InvalidUrl(format!(
-            "{url}: s3 blob stores are not supported yet"
-        )));
+        return open_s3_blob_store(url).await;
     }
     let path = match url.split_once("://") {
         Some(("file", path)) => PathBuf::from(path),
@@ -181,13 +215,48 @@ pub async fn open_blob_store(url: &str) -> BlobResult<BlobStoreRef> {
     Ok(Arc::new(LocalBlobStore::open(path).await?))
 }
 
+#[cfg(feature = "s3")]
+async fn open_s3_blob_store(url: &str) -> BlobResult<BlobStoreRef> {
+    let config = S3Config::from_url(url)?;
+    Ok(Arc::new(S3BlobStore::open(config).await?))
+}
+
+#[cfg(not(feature = "s3"))]
+async fn open_s3_blob_store(url: &str) -> BlobResult<BlobStoreRef> {
+    Err(BlobError::InvalidUrl(format!(
+        "{}: this build has no s3 support (feature s3 of bluetick-blob)",
+        redact_blob_url(url)
+    )))
+}
+
+/// Returns `url` safe to log: the value of an S3 `secret_key` parameter is replaced by
+/// `***`; other URLs are returned unchanged.
+pub fn redact_blob_url(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("secret_key", _)) => "secret_key=***".to_string(),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn open_blob_store_refuses_unsupported_urls() {
-        for url in ["", "s3://bucket", "ftp://host/dir"] {
+        for url in [
+            "",
+            "s3://Not_A_Bucket",
+            "s3://bucket?colour=blue",
+            "ftp://host/dir",
+        ] {
             assert!(matches!(
                 open_blob_store(url).await,
                 Err(BlobError::InvalidUrl(_))

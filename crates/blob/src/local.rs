@@ -20,7 +20,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::{
     BlobError, BlobResult, BlobStore, BlobStream, BlobUpload, ContentHash, FinishedUpload,
-    READ_CHUNK_SIZE,
+    READ_CHUNK_SIZE, checked_read_length,
 };
 
 /// Writes are batched up to this many bytes per blocking write (fewer thread hops for
@@ -149,20 +149,7 @@ impl BlobStore for LocalBlobStore {
             Err(error) => return Err(BlobError::Io(error)),
         };
         let size = file.metadata().await?.len();
-        let end_opt = match length {
-            Some(length) => offset.checked_add(length),
-            None => Some(size),
-        };
-        let read_length = match end_opt {
-            Some(end) if offset <= size && end <= size => end - offset,
-            _ => {
-                return Err(BlobError::InvalidRange {
-                    offset,
-                    length,
-                    size,
-                });
-            }
-        };
+        let read_length = checked_read_length(offset, length, size)?;
         if offset > 0 {
             file.seek(std::io::SeekFrom::Start(offset)).await?;
         }

@@ -38,7 +38,9 @@ impl From<BlobError> for MediaError {
             BlobError::NotFound(hash) => MediaError::NotFound(hash),
             BlobError::InvalidRange { .. } => MediaError::InvalidArgument(error.to_string()),
             BlobError::Unavailable(detail) => MediaError::Unavailable(detail),
-            BlobError::InvalidUrl(_) | BlobError::Io(_) => MediaError::Internal(error.to_string()),
+            BlobError::InvalidUrl(_) | BlobError::Backend(_) | BlobError::Io(_) => {
+                MediaError::Internal(error.to_string())
+            }
         }
     }
 }
