@@ -40,7 +40,8 @@ impl TestCluster {
         config.media_url = std::env::var("BLUETICK_TEST_MEDIA_URL").ok();
         adjust(&mut config);
         let data_dir = config.data_dir.clone();
-        let cluster = DevCluster::start(config.clone()).await.unwrap();
+        let mut cluster = DevCluster::start(config.clone()).await.unwrap();
+        cluster.wait_ready(Duration::from_secs(120)).await.unwrap();
         Self {
             endpoints: cluster.endpoints.clone(),
             cluster: Some(cluster),
@@ -78,7 +79,8 @@ impl TestCluster {
         self.stop().await;
         let mut config = self.config.clone();
         config.ports = Ports::EPHEMERAL;
-        let cluster = DevCluster::start(config).await.unwrap();
+        let mut cluster = DevCluster::start(config).await.unwrap();
+        cluster.wait_ready(Duration::from_secs(120)).await.unwrap();
         self.endpoints = cluster.endpoints.clone();
         self.cluster = Some(cluster);
     }

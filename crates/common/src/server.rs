@@ -44,9 +44,11 @@ pub async fn serve(
 
     let mut reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(bluetick_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name("grpc.health.v1.Health");
     let mut reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(bluetick_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name("grpc.health.v1.Health");
     for name in &spec.service_names {
         reflection_v1 = reflection_v1.with_service_name(*name);

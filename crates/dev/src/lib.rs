@@ -250,6 +250,52 @@ impl DevCluster {
         })
     }
 
+    /// Waits until every server answers its health check as SERVING (stores opened, schema
+    /// applied), or fails as soon as a service stops or `timeout` passes.
+    ///
+    /// # Errors
+    /// The first service's error, or a timeout naming the services not ready.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let urls = [
+            ("gateway", self.endpoints.gateway.clone()),
+            ("gateway-internal", self.endpoints.gateway_internal.clone()),
+            ("messaging", self.endpoints.messaging.clone()),
+            ("ack", self.endpoints.ack.clone()),
+            ("presence", self.endpoints.presence.clone()),
+            ("media", self.endpoints.media.clone()),
+        ];
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut waiting: Vec<(&str, String)> = urls.to_vec();
+        while !waiting.is_empty() {
+            if let Some(index) = self.tasks.iter().position(|(_, task)| task.is_finished()) {
+                let (name, task) = self.tasks.swap_remove(index);
+                self.shutdown.cancel();
+                let error = match task.await {
+                    Ok(Err(error)) => error,
+                    Ok(Ok(())) => anyhow::anyhow!("stopped during start-up"),
+                    Err(join_error) => anyhow::anyhow!("panicked: {join_error}"),
+                };
+                return Err(error.context(format!("{name} failed to start")));
+            }
+            let mut still = Vec::new();
+            for (name, url) in waiting {
+                if !is_serving(&url).await {
+                    still.push((name, url));
+                }
+            }
+            waiting = still;
+            if waiting.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let names: Vec<&str> = waiting.iter().map(|(name, _)| *name).collect();
+                anyhow::bail!("not ready after {timeout:?}: {}", names.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Returns a token that stops every service when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
@@ -297,6 +343,31 @@ impl DevCluster {
         self.shutdown.cancel();
         self.wait().await
     }
+}
+
+/// Returns true if the server at `url` reports SERVING for the whole server.
+async fn is_serving(url: &str) -> bool {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = HealthClient::new(channel);
+        let response = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(response.get_ref().status == ServingStatus::Serving as i32)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Some(true))
+    )
 }
 
 /// `futures::future::select_all` without the extra dependency in this crate's API.

@@ -86,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
     config.max_upload_bytes = args.max_upload_bytes;
     config.store_url = args.store.filter(|url| !url.is_empty());
     config.media_url = args.media.filter(|url| !url.is_empty());
-    let cluster = DevCluster::start(config).await?;
+    let mut cluster = DevCluster::start(config).await?;
+    cluster.wait_ready(Duration::from_secs(180)).await?;
     let endpoints = &cluster.endpoints;
     tracing::info!(
         gateway = %endpoints.gateway,
