@@ -5,6 +5,7 @@
 #   make lint         clippy, warnings are errors
 #   make test-fast    the in-process Rust suites only
 #   make test         everything CI runs, phase by phase with wall times
+#   make test-engines the suites on Cassandra and SeaweedFS (installed and started here)
 #   make run          start the dev cluster on loopback (make run ARGS="--help")
 #   make clean-data   delete the dev cluster's ./data
 
@@ -16,9 +17,9 @@ export CARGO
 
 # The phases of `make test`, in order; each is a target below. Later suites (storage
 # engines, S3, manifests) are appended here.
-TEST_PHASES ?= fmt lint test-fast test-python
+TEST_PHASES ?= fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines
 
-.PHONY: build fmt lint test-fast test-python test run clean-data
+.PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines tools test run clean-data
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -36,6 +37,24 @@ test-fast:
 # bluetick-dev cluster on ephemeral loopback ports.
 test-python:
 	bash scripts/python-client-test.sh
+
+# The README's grpcurl walk-through, run with a real grpcurl against a real cluster.
+grpcurl-walkthrough: tools
+	bash scripts/grpcurl-walkthrough.sh
+
+# helm lint, helm template (default and non-default values), and offline validation of
+# every rendered object and of k8s/ against the Kubernetes schemas.
+k8s-validate: tools
+	bash scripts/k8s-validate.sh
+
+# helm, grpcurl and kubernetes-validate into .cache/ (idempotent).
+tools:
+	bash scripts/tools.sh
+
+# Cassandra (the CQL engine) and SeaweedFS (S3), installed and started by the project's
+# scripts: the storage suites, media on S3, the end-to-end suite on the engines, an outage.
+test-engines:
+	bash scripts/test-engines.sh
 
 test:
 	MAKE="$(MAKE)" bash scripts/run-phases.sh $(TEST_PHASES)
