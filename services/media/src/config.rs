@@ -10,10 +10,11 @@ use crate::error::{MediaError, MediaResult};
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 100 * 1024 * 1024;
 
 /// Configuration of the media service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MediaConfig {
-    /// Where blobs live: a folder path (or `file://` + path); later `s3://bucket?endpoint=…`.
+    /// Where blobs live: a folder path (or `file://` + path), or `s3://bucket?endpoint=…`
+    /// (see `bluetick_blob::S3Config`).
     pub blob_url: String,
     /// The gateway's internal gRPC endpoint, asked to resolve upload bearer tokens.
     pub gateway_url: String,
@@ -36,6 +37,19 @@ impl Default for MediaConfig {
             auth_cache_ttl_secs: 30,
             auth_cache_capacity: 10_000,
         }
+    }
+}
+
+impl std::fmt::Debug for MediaConfig {
+    /// Hides an S3 `secret_key` in `blob_url`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaConfig")
+            .field("blob_url", &bluetick_blob::redact_blob_url(&self.blob_url))
+            .field("gateway_url", &self.gateway_url)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("auth_cache_ttl_secs", &self.auth_cache_ttl_secs)
+            .field("auth_cache_capacity", &self.auth_cache_capacity)
+            .finish()
     }
 }
 

@@ -57,7 +57,7 @@ async fn put_media_inner(
     let chunks = body.into_data_stream().map_err(|error| {
         MediaError::InvalidArgument(format!("failed to read request body: {error}"))
     });
-    let stored = service.store_stream(chunks).await?;
+    let stored = service.store_stream(chunks, announced_length_opt).await?;
     tracing::info!(
         device = %device,
         sha256 = %stored.hash,

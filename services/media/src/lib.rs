@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use bluetick_blob::open_blob_store;
+use bluetick_blob::{open_blob_store, redact_blob_url};
 use bluetick_common::channel::lazy_channel;
 use bluetick_common::server::ServerSpec;
 use bluetick_proto::media::v1::media_server::MediaServer;
@@ -51,9 +51,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     config.validate().context("invalid media config")?;
-    let store = open_blob_store(&config.blob_url)
-        .await
-        .with_context(|| format!("failed to open blob store {}", config.blob_url))?;
+    let store = open_blob_store(&config.blob_url).await.with_context(|| {
+        format!(
+            "failed to open blob store {}",
+            redact_blob_url(&config.blob_url)
+        )
+    })?;
     let gateway_channel = lazy_channel(&config.gateway_url)
         .with_context(|| format!("invalid gateway url {}", config.gateway_url))?;
     let authenticator = auth::Authenticator::new(
@@ -75,7 +78,7 @@ pub async fn serve(
     };
     tracing::info!(
         address = %listener.local_addr().context("listener has no address")?,
-        blob_url = %config.blob_url,
+        blob_url = %redact_blob_url(&config.blob_url),
         max_upload_bytes = config.max_upload_bytes,
         "media service listening (grpc and http)"
     );

@@ -14,7 +14,8 @@ struct Args {
     /// Address to listen on (gRPC and HTTP).
     #[arg(long, env = "BLUETICK_MEDIA_LISTEN", default_value = "127.0.0.1:7704")]
     listen: SocketAddr,
-    /// Blob store: a folder path (later also `s3://bucket?endpoint=…`).
+    /// Blob store: a folder path, or `s3://bucket[/prefix]?endpoint=…&region=…&path_style=true`
+    /// (credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or `access_key`/`secret_key`).
     #[arg(long, env = "BLUETICK_MEDIA_BLOBS", default_value = "./data/media")]
     blobs: String,
     /// The gateway's internal gRPC endpoint, used to check upload tokens.

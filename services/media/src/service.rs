@@ -74,8 +74,14 @@ impl MediaService {
     }
 
     /// Streams `chunks` into a new blob, hashing and enforcing the limit on the way.
-    /// Anything but success leaves nothing stored.
-    pub(crate) async fn store_stream<S, E>(&self, chunks: S) -> MediaResult<StoredMedia>
+    /// With `announced_size_opt`, the upload must be exactly that long: a stream that ends
+    /// early (a client cancelled mid-upload looks like a normal end to the server) or runs
+    /// past it is refused. Anything but success leaves nothing stored.
+    pub(crate) async fn store_stream<S, E>(
+        &self,
+        chunks: S,
+        announced_size_opt: Option<u64>,
+    ) -> MediaResult<StoredMedia>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<MediaError>,
@@ -84,13 +90,32 @@ impl MediaService {
         let mut upload = MediaUpload::begin(self.store(), self.max_upload_bytes()).await?;
         while let Some(chunk_result) = chunks.next().await {
             let write_result = match chunk_result {
-                Ok(chunk) => upload.write(chunk).await,
+                Ok(chunk) => match announced_size_opt {
+                    Some(announced_size)
+                        if upload.size().saturating_add(chunk.len() as u64) > announced_size =>
+                    {
+                        Err(MediaError::InvalidArgument(format!(
+                            "upload runs past its announced size of {announced_size} bytes"
+                        )))
+                    }
+                    _ => upload.write(chunk).await,
+                },
                 Err(error) => Err(error.into()),
             };
             if let Err(error) = write_result {
                 upload.abort().await;
                 return Err(error);
             }
+        }
+        if let Some(announced_size) = announced_size_opt
+            && upload.size() != announced_size
+        {
+            let received_size = upload.size();
+            upload.abort().await;
+            return Err(MediaError::InvalidArgument(format!(
+                "upload ended after {received_size} of its announced {announced_size} bytes; \
+                 nothing was stored"
+            )));
         }
         upload.finish().await
     }
@@ -120,10 +145,16 @@ impl Media for MediaService {
         if let Some(first_frame) = &first_frame_opt {
             MediaUpload::check_announced_size(first_frame.size_hint, limit)?;
         }
+        // A non-zero hint is a promise: tonic reports a cancelled client stream as a normal
+        // end, so the hint is what tells a cut-off upload from a complete one.
+        let announced_size_opt = first_frame_opt
+            .as_ref()
+            .map(|first_frame| first_frame.size_hint)
+            .filter(|size_hint| *size_hint > 0);
         let chunks = futures::stream::iter(first_frame_opt.map(Ok))
             .chain(frames)
             .map(|frame_result| frame_result.map(|frame| frame.chunk));
-        let stored = self.store_stream(chunks).await?;
+        let stored = self.store_stream(chunks, announced_size_opt).await?;
         tracing::info!(
             device = %device,
             sha256 = %stored.hash,

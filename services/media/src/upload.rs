@@ -47,6 +47,11 @@ impl MediaUpload {
         })
     }
 
+    /// Returns the bytes written so far.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Appends `chunk`.
     ///
     /// # Errors

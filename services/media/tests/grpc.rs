@@ -553,6 +553,91 @@ async fn oversize_uploads_are_refused_and_leave_nothing() {
     media.stop().await;
 }
 
+/// An upload whose stream ends short of (or runs past) its non-zero size hint is refused
+/// with INVALID_ARGUMENT and stores nothing: a client cancelled mid-upload ends its stream
+/// like a finished one, so the hint is what tells them apart.
+#[tokio::test]
+async fn uploads_that_break_their_size_hint_are_refused_and_leave_nothing() {
+    let media = TestMedia::start(100 * MIB as u64).await;
+    let mut client = media.grpc().await;
+    let data = test_bytes(3 * MIB, 11);
+
+    let short = data.slice(..MIB);
+    let status = client
+        .upload(upload_request(
+            &short,
+            256 * 1024,
+            data.len() as u64,
+            Some(GOOD_TOKEN),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("announced"), "{status:?}");
+
+    let status = client
+        .upload(upload_request(
+            &data,
+            256 * 1024,
+            MIB as u64,
+            Some(GOOD_TOKEN),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A real cancel: the client drops the call after sending part of the blob.
+    let (frame_sender, frame_receiver) = tokio::sync::mpsc::channel::<UploadRequest>(4);
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(frame_receiver));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {GOOD_TOKEN}").parse().unwrap(),
+    );
+    let mut cancelled_client = media.grpc().await;
+    let call = tokio::spawn(async move { cancelled_client.upload(request).await });
+    frame_sender
+        .send(UploadRequest {
+            chunk: data.slice(..MIB),
+            size_hint: data.len() as u64,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    call.abort();
+    drop(frame_sender);
+    let _ = call.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for hash in [ContentHash::of(&short), ContentHash::of(&data)] {
+        let status = client
+            .stat(StatRequest {
+                sha256: hash.to_hex(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    assert!(
+        media.stored_files().is_empty(),
+        "{:?}",
+        media.stored_files()
+    );
+
+    // Keeping the promise works.
+    let stored = client
+        .upload(upload_request(
+            &data,
+            MIB,
+            data.len() as u64,
+            Some(GOOD_TOKEN),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.size, data.len() as u64);
+    media.stop().await;
+}
+
 /// Unknown hashes are NOT_FOUND / 404; malformed ones INVALID_ARGUMENT / 400.
 #[tokio::test]
 async fn unknown_and_malformed_hashes_are_refused() {
