@@ -65,7 +65,7 @@ phase_store() {
 
 phase_media() {
     BLUETICK_TEST_S3_URL="s3://bluetick-media-test?endpoint=${s3_endpoint}&region=us-east-1" \
-        cargo test --release -p bluetick-media --test s3 -- --ignored --nocapture
+        cargo test -p bluetick-media --test s3 -- --ignored --nocapture
 }
 
 # The in-process suite on the engines. One test at a time: each test has its own tokio
