@@ -440,8 +440,7 @@ fn file_store_keeps_identity_and_sessions_across_restarts() {
     let open = || {
         let store =
             Arc::new(bluetick_client::e2e::FileKeyStore::open(home.path().join("keys")).unwrap());
-        E2eDevice::load_or_create(DeviceAddress::new("bob", 1), store as KeyStoreRef)
-            .unwrap()
+        E2eDevice::load_or_create(DeviceAddress::new("bob", 1), store as KeyStoreRef).unwrap()
     };
     let bob = open();
     let request = bob.prekeys_to_publish(2, true).unwrap();

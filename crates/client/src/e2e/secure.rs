@@ -371,6 +371,9 @@ impl SecureChat {
     /// As [`safety_number_for`].
     pub async fn safety_number(&self, peer_user: &str) -> E2eResult<SafetyNumber> {
         let number = safety_number_for(&self.inner.client, &self.inner.device, peer_user).await?;
+        if let Ok(mut cache) = self.inner.shared.directory.lock() {
+            cache.remove(peer_user);
+        }
         self.inner.notify(number.warnings.iter().cloned());
         Ok(number)
     }
@@ -423,7 +426,7 @@ impl Inner {
         client_msg_id: &str,
         plaintext: &[u8],
     ) -> E2eResult<Vec<DevicePayload>> {
-        let devices = self.directory(recipient, false).await?;
+        let mut devices = self.directory(recipient, false).await?;
         if devices.is_empty() {
             return Err(E2eError::NoKeys(format!(
                 "{recipient} has no device with published keys"
@@ -441,6 +444,15 @@ impl Inner {
         }
         if !needs_session.is_empty() {
             let bundles = self.client.prekey_bundles(recipient).await?.bundles;
+            let stale = bundles.iter().any(|bundle| {
+                devices.iter().all(|entry| {
+                    entry.device_id != bundle.device_id || entry.identity_key != bundle.identity_key
+                })
+            });
+            if stale {
+                // Keys changed since the cached directory entry: fetch it again (and warn).
+                devices = self.directory(recipient, true).await?;
+            }
             for bundle in bundles
                 .iter()
                 .filter(|bundle| needs_session.contains(&bundle.device_id))
