@@ -74,8 +74,8 @@ pub struct SecureMessage {
 /// What [`SecureEvents`] yields.
 #[derive(Debug)]
 pub enum SecureEvent {
-    /// A message that opened.
-    Message(SecureMessage),
+    /// A message that opened (boxed: it is much larger than the other events).
+    Message(Box<SecureMessage>),
     /// A message that did not open (forged, replayed, or sealed with keys this device lost).
     /// It is acknowledged like any other so the server stops redelivering it.
     Undecryptable {
@@ -522,7 +522,7 @@ impl Inner {
 
     async fn open_message(&self, message: InboundMessage) -> SecureEvent {
         match self.try_open(&message).await {
-            Ok(opened) => SecureEvent::Message(opened),
+            Ok(opened) => SecureEvent::Message(Box::new(opened)),
             Err(error) => {
                 debug!(message_id = message.message_id, %error, "message did not open");
                 SecureEvent::Undecryptable { message, error }
@@ -718,7 +718,7 @@ impl SecureEvents {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next_event(left).await? {
-                SecureEvent::Message(message) => return Ok(message),
+                SecureEvent::Message(message) => return Ok(*message),
                 SecureEvent::Undecryptable { error, .. } => return Err(error),
                 _ => {}
             }
