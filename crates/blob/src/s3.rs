@@ -744,14 +744,26 @@ impl S3Upload {
             return Ok(true);
         }
         let parts = std::mem::take(&mut multipart.completed_parts);
+        let part_count = parts.len();
+        let started = std::time::Instant::now();
         shared
             .complete_multipart(&multipart.temp_key, &multipart.upload_id, parts)
             .await?;
+        let completed = started.elapsed();
         shared
             .copy_object(&multipart.temp_key, hash_key, *written_bytes)
             .await?;
+        let copied = started.elapsed() - completed;
         shared.delete_quietly(&multipart.temp_key).await;
         *multipart_opt = None;
+        tracing::info!(
+            key = %hash_key,
+            size = *written_bytes,
+            parts = part_count,
+            complete_ms = completed.as_millis() as u64,
+            copy_ms = copied.as_millis() as u64,
+            "multipart upload stored"
+        );
         Ok(false)
     }
 }
