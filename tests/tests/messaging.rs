@@ -121,9 +121,10 @@ async fn offline_recipient_gets_the_backlog_in_order() {
             Content::text(format!("message {index}"))
         );
     }
-    // The SDK acknowledged delivery: the last message gets its double tick.
+    // The SDK acknowledged delivery: the last message gets its double tick (1,000 ticks take
+    // a while on a CQL engine, a batch per message).
     alice_events
-        .wait_receipt(*message_ids.last().unwrap(), TickStatus::Delivered, WAIT)
+        .wait_receipt(*message_ids.last().unwrap(), TickStatus::Delivered, 3 * WAIT)
         .await
         .unwrap();
 }
