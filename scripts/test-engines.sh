@@ -59,12 +59,12 @@ log "engines started in $((SECONDS - started))s"
 phase_store() {
     BLUETICK_TEST_CQL_URL="scylla://${cql_host}/bluetick_store_test" \
         cargo test -p bluetick-store --test cql -- --ignored --nocapture
-    BLUETICK_TEST_S3_URL="s3://bluetick-blob-test?endpoint=${s3_endpoint}&region=us-east-1" \
+    BLUETICK_TEST_S3_URL="s3://bluetick-blob-test?endpoint=${s3_endpoint}&region=us-east-1&path_style=true" \
         cargo test -p bluetick-blob --test s3 -- --ignored --nocapture
 }
 
 phase_media() {
-    BLUETICK_TEST_S3_URL="s3://bluetick-media-test?endpoint=${s3_endpoint}&region=us-east-1" \
+    BLUETICK_TEST_S3_URL="s3://bluetick-media-test?endpoint=${s3_endpoint}&region=us-east-1&path_style=true" \
         cargo test -p bluetick-media --test s3 -- --ignored --nocapture
 }
 
@@ -74,7 +74,7 @@ phase_media() {
 # opened it.
 phase_e2e() {
     BLUETICK_TEST_STORE_URL="scylla://${cql_host}/bluetick_e2e" \
-        BLUETICK_TEST_MEDIA_URL="s3://bluetick-e2e?endpoint=${s3_endpoint}&region=us-east-1" \
+        BLUETICK_TEST_MEDIA_URL="s3://bluetick-e2e?endpoint=${s3_endpoint}&region=us-east-1&path_style=true" \
         cargo test -p bluetick-tests --test messaging --test presence --test media \
         --test bad_input -- --test-threads=1
 }
