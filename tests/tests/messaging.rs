@@ -124,7 +124,11 @@ async fn offline_recipient_gets_the_backlog_in_order() {
     // The SDK acknowledged delivery: the last message gets its double tick (1,000 ticks take
     // a while on a CQL engine, a batch per message).
     alice_events
-        .wait_receipt(*message_ids.last().unwrap(), TickStatus::Delivered, 3 * WAIT)
+        .wait_receipt(
+            *message_ids.last().unwrap(),
+            TickStatus::Delivered,
+            3 * WAIT,
+        )
         .await
         .unwrap();
 }
