@@ -72,7 +72,7 @@ const STALE_UPLOAD_AGE: Duration = Duration::from_secs(3600);
 /// How long to wait for a TCP connection to the endpoint before calling it unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Region used when neither the URL nor the AWS environment names one.
+/// Region used when neither the URL nor `AWS_REGION` / `AWS_DEFAULT_REGION` names one.
 const FALLBACK_REGION: &str = "us-east-1";
 
 /// Blobs as objects of an S3 bucket. Cheap to clone.
@@ -149,10 +149,12 @@ impl S3BlobStore {
             )));
         }
         let mut create = shared.client.create_bucket().bucket(bucket);
+        // us-east-1 is the one region that takes no location constraint.
         if let Some(region) = shared
-            .config
-            .region_opt
-            .as_deref()
+            .client
+            .config()
+            .region()
+            .map(|region| region.as_ref())
             .filter(|region| *region != FALLBACK_REGION)
         {
             create = create.create_bucket_configuration(
@@ -247,9 +249,23 @@ async fn build_client(config: &S3Config) -> Client {
                 .connect_timeout(CONNECT_TIMEOUT)
                 .build(),
         );
-    if let Some(region) = &config.region_opt {
-        loader = loader.region(Region::new(region.clone()));
-    }
+    // Always an explicit region: the default chain would ask instance metadata, which off
+    // AWS is a slow, noisy failure.
+    let region = config
+        .region_opt
+        .clone()
+        .or_else(|| {
+            std::env::var("AWS_REGION")
+                .ok()
+                .filter(|region| !region.is_empty())
+        })
+        .or_else(|| {
+            std::env::var("AWS_DEFAULT_REGION")
+                .ok()
+                .filter(|region| !region.is_empty())
+        })
+        .unwrap_or_else(|| FALLBACK_REGION.to_string());
+    loader = loader.region(Region::new(region));
     if let Some(endpoint) = &config.endpoint_opt {
         loader = loader.endpoint_url(endpoint);
     }
@@ -263,14 +279,12 @@ async fn build_client(config: &S3Config) -> Client {
         ));
     }
     let sdk_config = loader.load().await;
-    let mut builder = aws_sdk_s3::config::Builder::from(&sdk_config)
+    let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
         .force_path_style(config.path_style)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-    if sdk_config.region().is_none() {
-        builder = builder.region(Region::new(FALLBACK_REGION));
-    }
-    Client::from_conf(builder.build())
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .build();
+    Client::from_conf(s3_config)
 }
 
 /// Returns the HTTP status of a service error, `None` when there was no answer.

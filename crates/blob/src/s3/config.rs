@@ -8,7 +8,7 @@
 //!
 //! - `endpoint`: the S3 API base URL; omitted, the AWS endpoint of the region (or
 //!   `AWS_ENDPOINT_URL`).
-//! - `region`: omitted, the usual AWS sources (`AWS_REGION`, profile), else `us-east-1`.
+//! - `region`: omitted, `AWS_REGION` or `AWS_DEFAULT_REGION`, else `us-east-1`.
 //! - `path_style`: `bucket` in the path rather than the host name; defaults to true when an
 //!   endpoint is given (MinIO, SeaweedFS), false otherwise (AWS).
 //! - `access_key` / `secret_key`: static credentials; both or neither. Omitted, the usual
@@ -42,7 +42,7 @@ pub struct S3Config {
     pub prefix: String,
     /// S3 API base URL; `None` for the AWS endpoint of the region.
     pub endpoint_opt: Option<String>,
-    /// Signing region; `None` for the AWS default chain, then `us-east-1`.
+    /// Signing region; `None` for `AWS_REGION` / `AWS_DEFAULT_REGION`, then `us-east-1`.
     pub region_opt: Option<String>,
     /// Bucket in the path (`endpoint/bucket/key`) instead of the host name.
     pub path_style: bool,
