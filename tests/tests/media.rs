@@ -139,7 +139,11 @@ async fn dedup_limits_and_errors() {
         }
         walk(dir)
     };
-    assert_eq!(count_files(&media_dir), 1, "dedup stored two copies");
+    // On S3 the blob suite lists the bucket for the same checks; here the folder is local.
+    let local_blobs = cluster.config.media_url.is_none();
+    if local_blobs {
+        assert_eq!(count_files(&media_dir), 1, "dedup stored two copies");
+    }
 
     let unknown = "0".repeat(64);
     assert_eq!(
