@@ -246,6 +246,15 @@ async fn handle_frame(
     }
 }
 
+/// An acknowledgement carries up to 1,000 ids, each a write on the store; on a CQL engine
+/// under load that can outlast the 5 s internal deadline, and a timed-out batch would leave
+/// ticks unrecorded. Such batches get more time.
+fn with_batch_deadline<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(std::time::Duration::from_secs(60));
+    request
+}
+
 /// Sends a frame to the device, waiting for room; gives up when the session ends.
 async fn send_frame(handle: &SessionHandle, frame: ServerFrame) {
     tokio::select! {
@@ -417,7 +426,7 @@ async fn handle_ack(
     let response = match gateway
         .ack
         .clone()
-        .acknowledge(with_deadline(AcknowledgeRequest {
+        .acknowledge(with_batch_deadline(AcknowledgeRequest {
             recipient: Some(device.clone()),
             status: status as i32,
             message_ids: ack.message_ids.clone(),
@@ -462,7 +471,7 @@ async fn handle_ack(
         && let Err(status) = gateway
             .messaging
             .clone()
-            .settle(with_deadline(SettleRequest {
+            .settle(with_batch_deadline(SettleRequest {
                 device: Some(device.clone()),
                 status: status as i32,
                 message_ids: response.accepted,
