@@ -48,8 +48,10 @@ async fn online_while_beating_offline_with_the_right_last_seen_after_missed_beat
         reconnect: false,
         ..ChatConfig::default()
     };
-    let (_b2, _silent_chat, mut silent_events) = cluster.connect_with(&bob, silent).await;
+    // Taken before connecting: the server's silence clock starts later, so the drop can
+    // never look earlier than three intervals from here.
     let connected_at = now_ms();
+    let (_b2, _silent_chat, mut silent_events) = cluster.connect_with(&bob, silent).await;
     assert!(alice_client.last_seen(&bob.user_id).await.unwrap().online);
     // The gateway ends the stream after three missed beats.
     let closed = silent_events
