@@ -75,6 +75,23 @@ impl DeviceAddress {
     }
 }
 
+/// Returns the device in a request field, or INVALID_ARGUMENT naming `field` when it is
+/// missing, has no user or has device number 0.
+///
+/// # Errors
+/// INVALID_ARGUMENT as above.
+pub fn required_device(
+    device: Option<DeviceAddress>,
+    field: &str,
+) -> Result<DeviceAddress, tonic::Status> {
+    match device {
+        Some(device) if !device.user_id.is_empty() && device.device_id > 0 => Ok(device),
+        _ => Err(tonic::Status::invalid_argument(format!(
+            "{field} is required"
+        ))),
+    }
+}
+
 impl fmt::Display for DeviceAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.user_id, self.device_id)

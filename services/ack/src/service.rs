@@ -14,6 +14,7 @@ use bluetick_proto::common::v1::{DeviceAddress, Receipt, TickStatus};
 use bluetick_proto::gateway::v1::{Delivery, ServerFrame, server_frame::Frame};
 use bluetick_proto::presence::v1::LocateRequest;
 use bluetick_proto::presence::v1::presence_client::PresenceClient;
+use bluetick_proto::required_device;
 use bluetick_store::{AckOutcome, SentRecord, StoredReceipt, TickStoreRef};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -55,13 +56,6 @@ impl AckService {
                 ids: IdGenerator::new(config.node_id),
             }),
         })
-    }
-}
-
-fn required_device(device: Option<DeviceAddress>, field: &str) -> Result<DeviceAddress, Status> {
-    match device {
-        Some(device) if !device.user_id.is_empty() && device.device_id > 0 => Ok(device),
-        _ => Err(Status::invalid_argument(format!("{field} is required"))),
     }
 }
 

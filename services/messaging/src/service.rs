@@ -14,6 +14,7 @@ use bluetick_proto::messaging::v1::messaging_server::Messaging;
 use bluetick_proto::messaging::v1::*;
 use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_proto::presence::v1::{LocateRequest, Route};
+use bluetick_proto::required_device;
 use bluetick_store::{AcceptOutcome, AcceptRecord, InboxStoreRef, StoredMessage};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -61,13 +62,6 @@ impl MessagingService {
                 max_payload_bytes: config.max_payload_bytes,
             }),
         })
-    }
-}
-
-fn required_device(device: Option<DeviceAddress>, field: &str) -> Result<DeviceAddress, Status> {
-    match device {
-        Some(device) if !device.user_id.is_empty() && device.device_id > 0 => Ok(device),
-        _ => Err(Status::invalid_argument(format!("{field} is required"))),
     }
 }
 

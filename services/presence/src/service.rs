@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use bluetick_proto::common::v1::{DeviceAddress, LastSeenVisibility};
+use bluetick_proto::common::v1::LastSeenVisibility;
 use bluetick_proto::presence::v1::presence_server::Presence;
 use bluetick_proto::presence::v1::*;
+use bluetick_proto::required_device;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -26,13 +27,6 @@ impl PresenceService {
     }
 }
 
-fn required_device(device: Option<DeviceAddress>) -> Result<DeviceAddress, Status> {
-    match device {
-        Some(device) if !device.user_id.is_empty() && device.device_id > 0 => Ok(device),
-        _ => Err(Status::invalid_argument("device is required")),
-    }
-}
-
 fn required_user(user_id: &str, field: &str) -> Result<(), Status> {
     if user_id.is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
@@ -47,7 +41,7 @@ impl Presence for PresenceService {
         request: Request<AttachRequest>,
     ) -> Result<Response<AttachResponse>, Status> {
         let request = request.into_inner();
-        let device = required_device(request.device)?;
+        let device = required_device(request.device, "device")?;
         if request.gateway_endpoint.is_empty() {
             return Err(Status::invalid_argument("gateway_endpoint is required"));
         }
@@ -62,7 +56,7 @@ impl Presence for PresenceService {
         request: Request<DetachRequest>,
     ) -> Result<Response<DetachResponse>, Status> {
         let request = request.into_inner();
-        let device = required_device(request.device)?;
+        let device = required_device(request.device, "device")?;
         self.state
             .detach(&device, request.session_id, request.last_activity_ms)
             .await;
