@@ -121,15 +121,27 @@ async fn offline_recipient_gets_the_backlog_in_order() {
             Content::text(format!("message {index}"))
         );
     }
-    // The SDK acknowledged delivery: the last message gets its double tick. On a CQL engine
-    // 1,000 ticks are written one batch per message and on a loaded 2-core machine can take
-    // longer than any fair wait (an open performance item), so there the double tick is
-    // proven by the smaller tests instead.
-    if cluster.config.store_url.is_none() {
-        alice_events
-            .wait_receipt(*message_ids.last().unwrap(), TickStatus::Delivered, WAIT)
+    // The SDK acknowledged delivery: every message gets its double tick.
+    let mut waiting: std::collections::HashSet<u64> = message_ids.iter().copied().collect();
+    while !waiting.is_empty() {
+        let event = alice_events
+            .next_event_matching(
+                |event| {
+                    matches!(
+                        event,
+                        ChatEvent::Receipt {
+                            status: TickStatus::Delivered,
+                            ..
+                        }
+                    )
+                },
+                WAIT,
+            )
             .await
-            .unwrap();
+            .unwrap_or_else(|error| panic!("{} double ticks missing: {error}", waiting.len()));
+        if let ChatEvent::Receipt { message_id, .. } = event {
+            waiting.remove(&message_id);
+        }
     }
 }
 

@@ -213,6 +213,8 @@ enum Command {
     WatchPresence(Vec<String>),
     /// A send rejected with UNAVAILABLE is due again.
     RetrySend(String),
+    /// Acknowledgements the server refused with UNAVAILABLE are due again.
+    RetryAcks(Vec<u64>),
     Close(oneshot::Sender<()>),
 }
 
@@ -567,6 +569,7 @@ impl BluetickClient {
         let session = Session {
             client: self.clone(),
             backoff: Backoff::new(config.backoff_initial, config.backoff_max),
+            ack_backoff: Backoff::new(config.backoff_initial, config.backoff_max),
             dedup: DedupWindow::new(config.dedup_capacity),
             receipt_dedup: DedupWindow::new(config.dedup_capacity),
             config,
@@ -680,6 +683,9 @@ struct Session {
     /// its TTL (a delivered message is not redelivered), so they are written again after a
     /// reconnect; acknowledging twice is harmless.
     reads_written: VecDeque<u64>,
+    /// Spaces out acknowledgements written again after the server refused them with
+    /// UNAVAILABLE (receipts not recorded); reset by a reconnect.
+    ack_backoff: Backoff,
     /// The presence watch list, re-sent after every reconnect.
     watch_opt: Option<Vec<String>>,
     backoff: Backoff,
@@ -885,6 +891,7 @@ impl Session {
     /// Re-sends what a fresh stream needs: unanswered sends in order, the presence watch
     /// list and queued acknowledgements.
     async fn on_connected(&mut self, outbound: &mpsc::Sender<ClientFrame>) -> ClientResult<()> {
+        self.ack_backoff.reset();
         let resend: Vec<(SendMessage, u32)> = self
             .pending_order
             .values()
@@ -992,6 +999,18 @@ impl Session {
             }
             ServerFrameBody::Presence(presence) => self.emit(ChatEvent::Presence(presence)).await,
             ServerFrameBody::Typing(typing) => self.emit(ChatEvent::Typing(typing)).await,
+            ServerFrameBody::Error(error)
+                if error.code == Code::Unavailable as i32 && !error.message_ids.is_empty() =>
+            {
+                // Only acknowledgements are refused this way (sends are answered by
+                // `client_msg_id`): the receipts were not recorded, write them again.
+                debug!(
+                    ids = error.message_ids.len(),
+                    message = %error.message,
+                    "acknowledgements refused, retrying"
+                );
+                self.schedule_ack_retry(error.message_ids);
+            }
             ServerFrameBody::Error(error) => {
                 warn!(code = error.code, message = %error.message, "the server refused a frame");
                 self.emit(ChatEvent::Error(error)).await;
@@ -1049,6 +1068,18 @@ impl Session {
         true
     }
 
+    /// Posts `RetryAcks(message_ids)` after the next acknowledgement back-off delay.
+    fn schedule_ack_retry(&mut self, message_ids: Vec<u64>) {
+        let delay = self.ack_backoff.next_delay();
+        let retry_tx = self.retry_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Some(commands) = retry_tx.upgrade() {
+                let _ = commands.send(Command::RetryAcks(message_ids)).await;
+            }
+        });
+    }
+
     async fn apply_command(
         &mut self,
         command: Command,
@@ -1094,6 +1125,19 @@ impl Session {
                         frame(ClientFrameBody::Send(pending.frame.clone())),
                     )
                     .await?;
+                }
+            }
+            Command::RetryAcks(message_ids) => {
+                // The acknowledged state is the newest one the application gave.
+                for message_id in message_ids {
+                    match self.dedup.get(message_id) {
+                        Some(AckState::Read) => self.read_queue.push(message_id),
+                        Some(AckState::Delivered) => self.delivered_queue.push(message_id),
+                        Some(AckState::Shown) | None => {}
+                    }
+                }
+                if let Some(outbound) = outbound_opt {
+                    self.flush_acks(outbound).await?;
                 }
             }
             Command::Ack {

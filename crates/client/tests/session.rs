@@ -10,7 +10,7 @@ use bluetick_client::proto::gateway::v1::chat_server::{Chat, ChatServer};
 use bluetick_client::proto::gateway::v1::client_frame::Frame as ClientBody;
 use bluetick_client::proto::gateway::v1::server_frame::Frame as ServerBody;
 use bluetick_client::proto::gateway::v1::{
-    BacklogDone, ClientFrame, SendAccepted, ServerFrame, Welcome,
+    BacklogDone, ClientFrame, FrameError, SendAccepted, ServerFrame, Welcome,
 };
 use bluetick_client::{BluetickClient, ChatConfig, ChatEvent, ClientError, Credentials};
 use tokio::sync::mpsc;
@@ -304,6 +304,71 @@ async fn session_survives_a_reconnect_without_losing_or_duplicating_anything() {
         chat.send("bob", &b"late"[..]).await,
         Err(ClientError::Closed)
     ));
+}
+
+/// Acknowledgements the gateway refuses with UNAVAILABLE (receipts not recorded) are written
+/// again, with the newest state the application gave, and are not reported as errors.
+#[tokio::test]
+async fn refused_acknowledgements_are_written_again() {
+    let (url, mut connections) = start_fake_gateway().await;
+    let client = BluetickClient::new(credentials(&url, "good-token")).unwrap();
+    let opening = tokio::spawn(async move { client.open_chat(test_config()).await });
+    let mut connection = connections.recv().await.unwrap();
+    connection.outbound.send(welcome()).await.unwrap();
+    let (chat, mut events) = opening.await.unwrap().unwrap();
+    let timeout = Duration::from_secs(2);
+    for message_id in [1, 2] {
+        connection
+            .outbound
+            .send(inbound_message(message_id))
+            .await
+            .unwrap();
+        assert_eq!(
+            events.next_message(timeout).await.unwrap().message_id,
+            message_id
+        );
+    }
+    let is_ack = |status: TickStatus| move |body: &ClientBody| matches!(body, ClientBody::Ack(ack) if ack.status == status as i32);
+    let mut delivered = Vec::new();
+    while delivered.len() < 2 {
+        if let ClientBody::Ack(ack) =
+            next_client_frame(&mut connection.inbound, is_ack(TickStatus::Delivered)).await
+        {
+            delivered.extend(ack.message_ids);
+        }
+    }
+    // Message 2 is read before the refusal comes back: its retry is a READ.
+    chat.mark_read(vec![2]).await.unwrap();
+    next_client_frame(&mut connection.inbound, is_ack(TickStatus::Read)).await;
+    connection
+        .outbound
+        .send(server_frame(ServerBody::Error(FrameError {
+            code: tonic::Code::Unavailable as i32,
+            message: "receipts not recorded, send them again".into(),
+            message_ids: vec![1, 2],
+        })))
+        .await
+        .unwrap();
+    let mut again_delivered = Vec::new();
+    let mut again_read = Vec::new();
+    tokio::time::timeout(timeout, async {
+        while again_delivered.is_empty() || again_read.is_empty() {
+            let frame = connection.inbound.message().await.unwrap().unwrap();
+            if let Some(ClientBody::Ack(ack)) = frame.frame {
+                if ack.status == TickStatus::Read as i32 {
+                    again_read.extend(ack.message_ids);
+                } else {
+                    again_delivered.extend(ack.message_ids);
+                }
+            }
+        }
+    })
+    .await
+    .expect("refused acknowledgements were not written again");
+    assert_eq!(again_delivered, vec![1]);
+    assert_eq!(again_read, vec![2]);
+    // The refusal was handled, not surfaced.
+    assert!(events.next_event(Duration::from_millis(100)).await.is_err());
 }
 
 /// A refused token fails open_chat with a typed, non-retryable error.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bluetick_proto::common::v1::{DeviceAddress, TickStatus};
 use bluetick_store::conformance::{self, now_ms, unique_id, unique_message_id};
 use bluetick_store::cql::{CqlInboxStore, CqlLocation};
-use bluetick_store::{AcceptOutcome, AcceptRecord, InboxStore, SentRecord};
+use bluetick_store::{AcceptOutcome, AcceptRecord, AckOutcome, InboxStore, SentRecord};
 use bytes::Bytes;
 
 const NEEDS_ENGINE: &str = "needs a CQL engine: scripts/cassandra.sh start, then BLUETICK_TEST_CQL_URL=scylla://127.0.0.1:9042/bluetick_test cargo test -p bluetick-store --test cql -- --ignored";
@@ -364,6 +364,26 @@ fn cql_operation_latencies() {
                 .unwrap();
             last_seen.push(started.elapsed());
         }
+        // What the SDK sends after a backlog: acknowledgements of 256 ids at a time.
+        let mut batch_acks = Vec::new();
+        for (batch, chunk) in ids.chunks(256).enumerate() {
+            let acks = chunk
+                .iter()
+                .enumerate()
+                .map(|(offset, id)| (*id, (OPERATIONS + batch * 256 + offset) as u64 + 1))
+                .collect::<Vec<_>>();
+            let started = Instant::now();
+            let outcomes = ticks
+                .acknowledge(&device, TickStatus::Read, acks, now_ms())
+                .await
+                .unwrap();
+            batch_acks.push(started.elapsed());
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|outcome| matches!(outcome, AckOutcome::Advanced(_)))
+            );
+        }
         println!("CQL store latencies, {OPERATIONS} sequential calls each ({url}):");
         report("accept", accept);
         report("accept duplicate", duplicate);
@@ -373,6 +393,7 @@ fn cql_operation_latencies() {
         report("acknowledge", acknowledge);
         report("remove", remove);
         report("record_last_seen", last_seen);
+        report("acknowledge 256 ids", batch_acks);
     });
 }
 
