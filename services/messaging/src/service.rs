@@ -128,6 +128,15 @@ impl Inner {
         }
     }
 
+    /// Tells ack about an accepted message.
+    async fn record_sent(&self, request: RecordSentRequest) -> Result<(), Status> {
+        self.ack
+            .clone()
+            .record_sent(with_deadline(request))
+            .await
+            .map(|_| ())
+    }
+
     /// Pushes each frame to the gateway holding its device, if connected.
     fn push(&self, routes: Vec<Route>, frames: &[(u32, ServerFrame)]) {
         for route in routes {
@@ -178,27 +187,35 @@ impl Messaging for MessagingService {
                 .collect(),
         };
         let envelopes = record.envelopes.clone();
-        let outcome = inner.inbox.accept(record).await?;
-        let (message_id, sent_at_ms, duplicate) = match outcome {
-            AcceptOutcome::Stored => (message_id, sent_at_ms, false),
-            AcceptOutcome::Duplicate {
-                message_id,
-                sent_at_ms,
-            } => (message_id, sent_at_ms, true),
-        };
-        // ack must know the message before any receipt for it can arrive. Recording it
-        // again for a duplicate is harmless and repairs a crash between the two writes.
-        // Where the recipient is connected is asked meanwhile.
-        let mut ack = inner.ack.clone();
-        let record_sent = ack.record_sent(with_deadline(RecordSentRequest {
+        // ack must know the message before any receipt for it can arrive, that is before it
+        // is pushed; it is recorded while the inbox commits, and where the recipient is
+        // connected is asked meanwhile, so the single tick waits for the slower of the two
+        // writes, not their sum. A failed accept leaves an unknown id recorded with ack,
+        // which expires with the message TTL.
+        let sent = |message_id, sent_at_ms| RecordSentRequest {
             message_id,
             sender: Some(sender.clone()),
             recipient_user_id: request.recipient_user_id.clone(),
-            recipient_device_ids,
+            recipient_device_ids: recipient_device_ids.clone(),
             sent_at_ms,
-        }));
-        let (recorded, routes) =
-            tokio::join!(record_sent, inner.locate(&request.recipient_user_id));
+        };
+        let (outcome, mut recorded, routes) = tokio::join!(
+            inner.inbox.accept(record),
+            inner.record_sent(sent(message_id, sent_at_ms)),
+            inner.locate(&request.recipient_user_id)
+        );
+        let (message_id, sent_at_ms, duplicate) = match outcome? {
+            AcceptOutcome::Stored => (message_id, sent_at_ms, false),
+            AcceptOutcome::Duplicate {
+                message_id: first_id,
+                sent_at_ms: first_sent_at_ms,
+            } => {
+                // Recorded again under the first id: harmless, and repairs a crash between
+                // the two writes of the first attempt.
+                recorded = inner.record_sent(sent(first_id, first_sent_at_ms)).await;
+                (first_id, first_sent_at_ms, true)
+            }
+        };
         recorded.map_err(|status| {
             tracing::warn!(%status, message_id, "ack unavailable");
             Status::unavailable("ack service unavailable, resend with the same client_msg_id")
