@@ -96,6 +96,12 @@ fn parse_text(payload: &[u8]) -> Option<(usize, u64)> {
     }
 }
 
+/// Waits a second before the next registration attempt.
+async fn tracing_free_pause(error: &bluetick_client::ClientError) {
+    println!("multinode: cluster not serving yet ({error}), retrying");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = parse_settings()?;
@@ -109,9 +115,18 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     for (index, name) in names.iter().enumerate() {
         // The SDK spreads users over the gateways in the list and fails over across it.
-        let credentials = register(&settings.gateways, &settings.media, name, name)
-            .await
-            .with_context(|| format!("register {name}"))?;
+        // Services listen before their store is open: retry until the cluster serves.
+        let mut attempts = 0;
+        let credentials = loop {
+            match register(&settings.gateways, &settings.media, name, name).await {
+                Ok(credentials) => break credentials,
+                Err(error) if attempts < 60 => {
+                    attempts += 1;
+                    tracing_free_pause(&error).await;
+                }
+                Err(error) => return Err(error).with_context(|| format!("register {name}")),
+            }
+        };
         let client = BluetickClient::new(credentials)?;
         let config = ChatConfig {
             unavailable_send_retries: 20,
