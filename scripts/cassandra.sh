@@ -20,6 +20,8 @@
 #   CASSANDRA_KEEP_DATA       1: keep the storage dir at start (restart with the same data) [0]
 #   CASSANDRA_HEAP            -Xms/-Xmx                               [1g]
 #   CASSANDRA_START_TIMEOUT   seconds to wait for CQL                 [180]
+#   CASSANDRA_JVM_EXTRA       extra JVM arguments, space-separated    []
+#                             (scripts/multinode.sh: a short ring delay, concurrent joins)
 #   JAVA_HOME                 Java 17 (else `java` on PATH)
 # A 3-node loopback cluster: for n in 2 3 4; do CASSANDRA_LISTEN_ADDRESS=127.0.0.$n
 #   CASSANDRA_SEEDS=127.0.0.2 scripts/cassandra.sh start; done   (start the seed first).
@@ -154,6 +156,9 @@ cmd_start() {
         jvm_args+=($line)
     done
 
+    local -a jvm_extra=()
+    read -r -a jvm_extra <<<"${CASSANDRA_JVM_EXTRA:-}"
+
     log "starting cassandra ${CASSANDRA_VERSION} on ${LISTEN_ADDRESS}:${NATIVE_PORT} (storage ${STORAGE_DIR}, log ${LOGFILE})"
     local started=$SECONDS
     nohup "$(java_bin)" \
@@ -167,6 +172,7 @@ cmd_start() {
         "-Dlogback.configurationFile=${CONF_DIR}/logback.xml" \
         -Dcassandra.skip_wait_for_gossip_to_settle=0 \
         -Dcassandra.superuser_setup_delay_ms=0 \
+        "${jvm_extra[@]}" \
         -cp "${LIB_DIR}/*" \
         org.apache.cassandra.service.CassandraDaemon \
         >"$LOGFILE" 2>&1 </dev/null &

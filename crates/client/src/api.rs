@@ -97,6 +97,31 @@ pub fn endpoint(url: &str) -> ClientResult<Endpoint> {
         .keep_alive_while_idle(true))
 }
 
+/// Returns a channel for `urls`: one URL, or a comma-separated list of gateway (or media)
+/// instances that calls and chat streams are spread over; a stream that breaks reconnects
+/// through the list, so an instance that dies is replaced by another. Connects lazily.
+///
+/// # Errors
+/// [`ClientError::InvalidArgument`] for a malformed URL or an empty list.
+pub fn lazy_channel(urls: &str) -> ClientResult<Channel> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect();
+    match list.as_slice() {
+        [] => Err(ClientError::InvalidArgument(format!("bad url {urls:?}"))),
+        [single] => Ok(endpoint(single)?.connect_lazy()),
+        several => {
+            let endpoints = several
+                .iter()
+                .map(|url| endpoint(url))
+                .collect::<ClientResult<Vec<_>>>()?;
+            Ok(Channel::balance_list(endpoints.into_iter()))
+        }
+    }
+}
+
 /// Creates a user with its first device and returns that device's credentials.
 ///
 /// # Errors
@@ -108,7 +133,11 @@ pub async fn register(
     user_id: &str,
     display_name: &str,
 ) -> ClientResult<Credentials> {
-    let channel = endpoint(gateway_url)?.connect().await?;
+    let channel = if gateway_url.contains(',') {
+        lazy_channel(gateway_url)?
+    } else {
+        endpoint(gateway_url)?.connect().await?
+    };
     let interceptor = AuthInterceptor::new(None, Some(UNARY_DEADLINE))?;
     let mut accounts = AccountsClient::with_interceptor(channel, interceptor);
     let response = accounts
@@ -157,8 +186,8 @@ impl BluetickClient {
     /// # Errors
     /// [`ClientError::InvalidArgument`] for a malformed URL or token.
     pub fn new(credentials: Credentials) -> ClientResult<Self> {
-        let gateway = endpoint(&credentials.gateway_url)?.connect_lazy();
-        let media = endpoint(&credentials.media_url)?.connect_lazy();
+        let gateway = lazy_channel(&credentials.gateway_url)?;
+        let media = lazy_channel(&credentials.media_url)?;
         let unary_auth = AuthInterceptor::new(Some(&credentials.token), Some(UNARY_DEADLINE))?;
         let stream_auth = AuthInterceptor::new(Some(&credentials.token), None)?;
         Ok(Self {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bluetick_proto::gateway::v1::gateway_internal_client::GatewayInternalClient;
 use bluetick_proto::gateway::v1::{DeliverRequest, Delivery};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::channel::{lazy_channel, with_deadline};
@@ -24,10 +24,13 @@ const MAX_BATCH: usize = 1_024;
 /// A queue idle this long ends its task.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A queued frame and, optionally, who waits until its batch was handed over.
+type Queued = (Delivery, Option<oneshot::Sender<()>>);
+
 /// Pushes frames to gateway instances by endpoint. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct GatewayPusher {
-    queues: Arc<Mutex<HashMap<String, mpsc::Sender<Delivery>>>>,
+    queues: Arc<Mutex<HashMap<String, mpsc::Sender<Queued>>>>,
 }
 
 impl GatewayPusher {
@@ -39,6 +42,27 @@ impl GatewayPusher {
     /// Queues `delivery` for the gateway at `endpoint`. Returns false if it was dropped
     /// because that gateway's queue is full or the endpoint is invalid.
     pub fn push(&self, endpoint: &str, delivery: Delivery) -> bool {
+        self.enqueue(endpoint, (delivery, None))
+    }
+
+    /// Queues `delivery` like [`GatewayPusher::push`] and returns a receiver that completes
+    /// once the batch holding it was handed to the gateway or given up (the sender is
+    /// dropped either way); `None` when it was dropped at once.
+    ///
+    /// messaging waits on it before answering an accept: with several messaging replicas
+    /// the next message of the same sender may be accepted by another replica, whose queue
+    /// to the recipient's gateway must not overtake this one.
+    pub fn push_and_notify(
+        &self,
+        endpoint: &str,
+        delivery: Delivery,
+    ) -> Option<oneshot::Receiver<()>> {
+        let (done, handed_over) = oneshot::channel();
+        self.enqueue(endpoint, (delivery, Some(done)))
+            .then_some(handed_over)
+    }
+
+    fn enqueue(&self, endpoint: &str, delivery: Queued) -> bool {
         let mut queues = self
             .queues
             .lock()
@@ -71,7 +95,7 @@ impl GatewayPusher {
         false
     }
 
-    fn start_queue(&self, endpoint: &str) -> Option<mpsc::Sender<Delivery>> {
+    fn start_queue(&self, endpoint: &str) -> Option<mpsc::Sender<Queued>> {
         let channel = match lazy_channel(endpoint) {
             Ok(channel) => channel,
             Err(error) => {
@@ -92,7 +116,7 @@ impl GatewayPusher {
 async fn drain_queue(
     endpoint: String,
     mut client: GatewayInternalClient<Channel>,
-    mut receiver: mpsc::Receiver<Delivery>,
+    mut receiver: mpsc::Receiver<Queued>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -107,9 +131,9 @@ async fn drain_queue(
                 Err(_) => break,
             }
         }
-        let request = DeliverRequest {
-            deliveries: std::mem::take(&mut batch),
-        };
+        let (deliveries, waiters): (Vec<Delivery>, Vec<Option<oneshot::Sender<()>>>) =
+            std::mem::take(&mut batch).into_iter().unzip();
+        let request = DeliverRequest { deliveries };
         let mut backoff = Duration::from_millis(50);
         for attempt in 1..=4 {
             match client.deliver(with_deadline(request.clone())).await {
@@ -126,6 +150,9 @@ async fn drain_queue(
                     );
                 }
             }
+        }
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(());
         }
     }
 }

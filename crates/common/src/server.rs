@@ -19,6 +19,9 @@ pub struct ServerSpec {
     pub service_names: Vec<&'static str>,
     /// Also accept HTTP/1.1 (media serves plain HTTP on the same port).
     pub accept_http1: bool,
+    /// Report NOT_SERVING this long after start (a presence replica relearning routes), so
+    /// balancing callers and readiness probes wait; zero reports SERVING at once.
+    pub warm_up: Duration,
 }
 
 /// Serves `routes` plus `grpc.health.v1` and server reflection on `listener` until
@@ -33,14 +36,31 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for name in &spec.service_names {
-        health_reporter
-            .set_service_status(*name, ServingStatus::Serving)
-            .await;
+    let initial = if spec.warm_up.is_zero() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in spec.service_names.iter().copied().chain([""]) {
+        health_reporter.set_service_status(name, initial).await;
     }
-    health_reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    if !spec.warm_up.is_zero() {
+        let reporter = health_reporter.clone();
+        let names = spec.service_names.clone();
+        let warm_up = spec.warm_up;
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(warm_up) => {
+                    for name in names.iter().copied().chain([""]) {
+                        reporter.set_service_status(name, ServingStatus::Serving).await;
+                    }
+                    tracing::info!("warmed up, serving");
+                }
+            }
+        });
+    }
 
     let mut reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(bluetick_proto::FILE_DESCRIPTOR_SET)

@@ -31,11 +31,12 @@ spec:
   updateStrategy:
     type: RollingUpdate
   {{- else }}
-  # Never two presence pods at once: each would hold its own routing table (which gateway
-  # holds which device), and messages pushed through the wrong one would wait for the next
-  # reconnect. The new pod relearns every route from the next heartbeats.
+  # presence pods hold the whole routing table each (every gateway tells every pod); a new
+  # pod relearns it from heartbeats while it reports NOT_SERVING, so a rolling update
+  # replaces one pod at a time and callers keep using the others.
   strategy:
-    type: Recreate
+    type: RollingUpdate
+    rollingUpdate: {maxUnavailable: 0, maxSurge: 1}
   {{- end }}
   template:
     metadata:
@@ -94,6 +95,12 @@ metadata:
     {{- include "bluetick.labels" $ctx | nindent 4 }}
 spec:
   clusterIP: None
+  {{- if eq .component "presence" }}
+  # Gateways must reach a presence pod while it warms up (NOT_SERVING, not ready): their
+  # heartbeat reports are what fill its routing table. Callers' health probes keep reads
+  # away from it until it serves.
+  publishNotReadyAddresses: true
+  {{- end }}
   selector:
     {{- include "bluetick.selectorLabels" $ctx | nindent 4 }}
   ports:

@@ -56,6 +56,7 @@ pub async fn serve(
     let spec = ServerSpec {
         service_names: vec!["bluetick.ack.v1.Ack"],
         accept_http1: false,
+        warm_up: std::time::Duration::ZERO,
     };
     let result = serve_grpc(spec, listener, routes, shutdown.clone()).await;
     shutdown.cancel();

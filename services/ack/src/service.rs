@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluetick_common::channel::{lazy_channel, with_deadline};
+use bluetick_common::channel::{InternalChannel, internal_channel, with_deadline};
 use bluetick_common::ids::IdGenerator;
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
@@ -16,7 +16,6 @@ use bluetick_proto::presence::v1::LocateRequest;
 use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_proto::required_device;
 use bluetick_store::{AckOutcome, SentRecord, StoredReceipt, TickStoreRef};
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::AckConfig;
@@ -37,7 +36,7 @@ pub struct AckService {
 #[derive(Debug)]
 struct Inner {
     ticks: TickStoreRef,
-    presence: PresenceClient<Channel>,
+    presence: PresenceClient<InternalChannel>,
     pusher: GatewayPusher,
     ids: IdGenerator,
 }
@@ -51,7 +50,7 @@ impl AckService {
         Ok(Self {
             inner: Arc::new(Inner {
                 ticks,
-                presence: PresenceClient::new(lazy_channel(&config.presence_url)?),
+                presence: PresenceClient::new(internal_channel(&config.presence_url)?),
                 pusher: GatewayPusher::new(),
                 ids: IdGenerator::new(config.node_id),
             }),

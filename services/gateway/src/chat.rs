@@ -184,16 +184,18 @@ async fn run_session(
     // Let queued sends finish unless the session was cut.
     let _ = worker.await;
     gateway.sessions.remove(&device, handle.session_id);
+    let detach = DetachRequest {
+        device: Some(device.clone()),
+        session_id: handle.session_id,
+        last_activity_ms: handle
+            .last_activity_ms
+            .load(std::sync::atomic::Ordering::Relaxed),
+    };
     if let Err(status) = gateway
-        .presence
-        .clone()
-        .detach(with_deadline(DetachRequest {
-            device: Some(device.clone()),
-            session_id: handle.session_id,
-            last_activity_ms: handle
-                .last_activity_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        }))
+        .tell_every_presence(|mut presence| {
+            let request = with_deadline(detach.clone());
+            async move { presence.detach(request).await.map(|_| ()) }
+        })
         .await
     {
         tracing::warn!(device = %device, %status, "presence detach failed; it will expire");
@@ -516,14 +518,16 @@ async fn handle_confirm(
 /// Attaches the device with presence, sends its backlog and stored receipts, then goes live.
 async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
     let device = handle.device.clone();
+    let attach = AttachRequest {
+        device: Some(device.clone()),
+        gateway_endpoint: gateway.internal_url.clone(),
+        session_id: handle.session_id,
+    };
     if let Err(status) = gateway
-        .presence
-        .clone()
-        .attach(with_deadline(AttachRequest {
-            device: Some(device.clone()),
-            gateway_endpoint: gateway.internal_url.clone(),
-            session_id: handle.session_id,
-        }))
+        .tell_every_presence(|mut presence| {
+            let request = with_deadline(attach.clone());
+            async move { presence.attach(request).await.map(|_| ()) }
+        })
         .await
     {
         tracing::warn!(device = %device, %status, "presence attach failed");
@@ -635,14 +639,16 @@ fn relay_typing(gateway: Arc<Gateway>, sender: DeviceAddress, typing: TypingNoti
     });
 }
 
-/// Forwards presence changes of `user_ids` to the device until aborted.
+/// Forwards presence changes of `user_ids` to the device until aborted. When the presence
+/// replica serving the watch goes away, the watch is opened again on another one (which
+/// restates the current presence first).
 async fn forward_presence(
     gateway: Arc<Gateway>,
     handle: Arc<SessionHandle>,
     user_ids: Vec<String>,
 ) {
     let mut stream = match gateway
-        .watch_presence(&handle.device.user_id, user_ids)
+        .watch_presence(&handle.device.user_id, user_ids.clone())
         .await
     {
         Ok(stream) => stream,
@@ -662,14 +668,31 @@ async fn forward_presence(
         };
         match state {
             Ok(Some(state)) => send_frame(&handle, ServerFrame::of(Frame::Presence(state))).await,
-            Ok(None) => return,
-            Err(status) => {
-                tracing::debug!(%status, "presence watch ended");
-                return;
+            Ok(None) | Err(_) => {
+                tracing::debug!("presence watch ended, opening it again");
+                loop {
+                    tokio::select! {
+                        _ = handle.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(WATCH_REOPEN_DELAY) => {}
+                    }
+                    match gateway
+                        .watch_presence(&handle.device.user_id, user_ids.clone())
+                        .await
+                    {
+                        Ok(reopened) => {
+                            stream = reopened;
+                            break;
+                        }
+                        Err(status) => tracing::debug!(%status, "presence watch not reopened yet"),
+                    }
+                }
             }
         }
     }
 }
+
+/// Pause before a broken presence watch is opened again.
+const WATCH_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reports the sessions that showed activity to presence every heartbeat interval, so
 /// presence keeps their routes and last seen fresh.
@@ -698,13 +721,15 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
             continue;
         }
         for chunk in sessions.chunks(10_000) {
+            let report = HeartbeatsRequest {
+                gateway_endpoint: gateway.internal_url.clone(),
+                sessions: chunk.to_vec(),
+            };
             if let Err(status) = gateway
-                .presence
-                .clone()
-                .heartbeats(with_deadline(HeartbeatsRequest {
-                    gateway_endpoint: gateway.internal_url.clone(),
-                    sessions: chunk.to_vec(),
-                }))
+                .tell_every_presence(|mut presence| {
+                    let request = with_deadline(report.clone());
+                    async move { presence.heartbeats(request).await.map(|_| ()) }
+                })
                 .await
             {
                 tracing::warn!(%status, "heartbeat report failed");

@@ -19,7 +19,7 @@ mod sessions;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluetick_common::channel::lazy_channel;
+use bluetick_common::channel::{InternalChannel, internal_channel};
 use bluetick_common::server::{ServerSpec, serve as serve_grpc};
 use bluetick_proto::ack::v1::ack_client::AckClient;
 use bluetick_proto::gateway::v1::accounts_server::AccountsServer;
@@ -32,7 +32,7 @@ use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_store::AccountStoreRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::Status;
 
 /// How the gateway runs.
 #[derive(Clone, Debug)]
@@ -87,9 +87,13 @@ pub(crate) struct Gateway {
     /// This instance's internal endpoint, given to presence as the route to its devices.
     internal_url: String,
     accounts: AccountStoreRef,
-    messaging: MessagingClient<Channel>,
-    ack: AckClient<Channel>,
-    presence: PresenceClient<Channel>,
+    messaging: MessagingClient<InternalChannel>,
+    ack: AckClient<InternalChannel>,
+    /// Reads (last seen, watch) go to any presence replica.
+    presence: PresenceClient<InternalChannel>,
+    /// Route changes (attach, detach, heartbeats) go to every presence replica, so each
+    /// holds the whole routing table; see [`Gateway::tell_every_presence`].
+    presence_peers: PresencePeers,
     sessions: sessions::Sessions,
     shutdown: CancellationToken,
 }
@@ -112,14 +116,16 @@ pub async fn serve(
         config.advertise_internal_url.clone()
     };
     let max_frame = config.max_payload_bytes * 64 + 64 * 1024;
+    let presence_channel = internal_channel(&config.presence_url)?;
     let gateway = Arc::new(Gateway {
         internal_url,
         accounts,
-        messaging: MessagingClient::new(lazy_channel(&config.messaging_url)?)
+        messaging: MessagingClient::new(internal_channel(&config.messaging_url)?)
             .max_decoding_message_size(max_frame)
             .max_encoding_message_size(max_frame),
-        ack: AckClient::new(lazy_channel(&config.ack_url)?),
-        presence: PresenceClient::new(lazy_channel(&config.presence_url)?),
+        ack: AckClient::new(internal_channel(&config.ack_url)?),
+        presence: PresenceClient::new(presence_channel.clone()),
+        presence_peers: PresencePeers::new(presence_channel),
         sessions: sessions::Sessions::default(),
         shutdown: shutdown.clone(),
         config,
@@ -145,6 +151,7 @@ pub async fn serve(
             "bluetick.gateway.v1.Chat",
         ],
         accept_http1: false,
+        warm_up: std::time::Duration::ZERO,
     };
     let internal_routes = tonic::service::Routes::new(
         GatewayInternalServer::new(internal::InternalService::new(gateway.clone()))
@@ -153,6 +160,7 @@ pub async fn serve(
     let internal_spec = ServerSpec {
         service_names: vec!["bluetick.gateway.v1.GatewayInternal"],
         accept_http1: false,
+        warm_up: std::time::Duration::ZERO,
     };
     let result = tokio::try_join!(
         serve_grpc(
@@ -171,4 +179,87 @@ pub async fn serve(
     shutdown.cancel();
     let _ = reporter.await;
     result.map(|_| ())
+}
+
+/// One client per presence replica, for calls every replica must see.
+#[derive(Debug)]
+struct PresencePeers {
+    /// Tells which replicas are reachable now.
+    balanced: InternalChannel,
+    clients: std::sync::Mutex<std::collections::HashMap<String, PresenceClient<InternalChannel>>>,
+}
+
+impl PresencePeers {
+    fn new(balanced: InternalChannel) -> Self {
+        Self {
+            balanced,
+            clients: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Returns a client for each reachable presence replica.
+    fn clients(&self) -> Vec<(String, PresenceClient<InternalChannel>)> {
+        let endpoints = self.balanced.reachable_endpoints();
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        clients.retain(|endpoint, _| endpoints.contains(endpoint));
+        endpoints
+            .into_iter()
+            .filter_map(|endpoint| {
+                if let Some(client) = clients.get(&endpoint) {
+                    return Some((endpoint, client.clone()));
+                }
+                match internal_channel(&endpoint) {
+                    Ok(channel) => {
+                        let client = PresenceClient::new(channel);
+                        clients.insert(endpoint.clone(), client.clone());
+                        Some((endpoint, client))
+                    }
+                    Err(error) => {
+                        tracing::warn!(%endpoint, %error, "invalid presence endpoint");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+impl Gateway {
+    /// Makes the same route change on every reachable presence replica, concurrently.
+    ///
+    /// Presence replicas do not talk to each other: each keeps the full routing table
+    /// (small, in memory) because every gateway tells every replica, and any replica can
+    /// answer a `Locate`. A replica that misses a change (down, restarting) relearns the
+    /// routes from the next heartbeat reports and stays out of the balancer meanwhile (it
+    /// reports NOT_SERVING while it warms up).
+    ///
+    /// # Errors
+    /// The last replica's status when no replica took the change.
+    pub(crate) async fn tell_every_presence<F, Fut>(&self, call: F) -> Result<(), Status>
+    where
+        F: Fn(PresenceClient<InternalChannel>) -> Fut,
+        Fut: Future<Output = Result<(), Status>>,
+    {
+        let peers = self.presence_peers.clients();
+        let results = futures::future::join_all(peers.into_iter().map(|(endpoint, client)| {
+            let attempt = call(client);
+            async move { (endpoint, attempt.await) }
+        }))
+        .await;
+        let mut last_error = Status::unavailable("no presence replica reachable");
+        let mut any_ok = false;
+        for (endpoint, result) in results {
+            match result {
+                Ok(()) => any_ok = true,
+                Err(status) => {
+                    tracing::debug!(%endpoint, %status, "presence replica missed a route change");
+                    last_error = status;
+                }
+            }
+        }
+        if any_ok { Ok(()) } else { Err(last_error) }
+    }
 }

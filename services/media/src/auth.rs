@@ -6,18 +6,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bluetick_blob::ContentHash;
+use bluetick_common::channel::InternalChannel;
 use bluetick_common::channel::with_deadline;
 use bluetick_proto::common::v1::DeviceAddress;
 use bluetick_proto::gateway::v1::AuthenticateRequest;
 use bluetick_proto::gateway::v1::gateway_internal_client::GatewayInternalClient;
-use tonic::transport::Channel;
 
 use crate::error::{MediaError, MediaResult};
 
 /// Resolves bearer tokens to devices. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct Authenticator {
-    client: GatewayInternalClient<Channel>,
+    client: GatewayInternalClient<InternalChannel>,
     cache: Arc<Mutex<TokenCache>>,
 }
 
@@ -60,7 +60,7 @@ impl TokenCache {
 
 impl Authenticator {
     /// Returns an authenticator asking the gateway behind `channel`.
-    pub(crate) fn new(channel: Channel, ttl: Duration, capacity: usize) -> Self {
+    pub(crate) fn new(channel: InternalChannel, ttl: Duration, capacity: usize) -> Self {
         Self {
             client: GatewayInternalClient::new(channel),
             cache: Arc::new(Mutex::new(TokenCache {

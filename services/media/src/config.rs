@@ -74,7 +74,12 @@ impl MediaConfig {
                 "max_upload_bytes must be positive".to_string(),
             ));
         }
-        if self.gateway_url.parse::<http::Uri>().is_err() {
+        // One URL, a comma-separated list, or dns://name:port (see bluetick_common::channel).
+        if self
+            .gateway_url
+            .split(',')
+            .any(|url| url.trim().parse::<http::Uri>().is_err())
+        {
             return Err(MediaError::InvalidArgument(format!(
                 "gateway_url {:?} is not a valid url",
                 self.gateway_url

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bluetick_blob::{open_blob_store, redact_blob_url};
-use bluetick_common::channel::lazy_channel;
+use bluetick_common::channel::internal_channel;
 use bluetick_common::server::ServerSpec;
 use bluetick_proto::media::v1::media_server::MediaServer;
 use tokio::net::TcpListener;
@@ -57,7 +57,7 @@ pub async fn serve(
             redact_blob_url(&config.blob_url)
         )
     })?;
-    let gateway_channel = lazy_channel(&config.gateway_url)
+    let gateway_channel = internal_channel(&config.gateway_url)
         .with_context(|| format!("invalid gateway url {}", config.gateway_url))?;
     let authenticator = auth::Authenticator::new(
         gateway_channel,
@@ -75,6 +75,7 @@ pub async fn serve(
     let spec = ServerSpec {
         service_names: vec![MEDIA_SERVICE_NAME],
         accept_http1: true,
+        warm_up: std::time::Duration::ZERO,
     };
     tracing::info!(
         address = %listener.local_addr().context("listener has no address")?,

@@ -76,6 +76,7 @@ pub async fn serve(
     let spec = ServerSpec {
         service_names: vec!["bluetick.messaging.v1.Messaging"],
         accept_http1: false,
+        warm_up: std::time::Duration::ZERO,
     };
     let result = serve_grpc(spec, listener, routes, shutdown.clone()).await;
     shutdown.cancel();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use bluetick_common::channel::{lazy_channel, with_deadline};
+use bluetick_common::channel::{InternalChannel, internal_channel, with_deadline};
 use bluetick_common::ids::IdGenerator;
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
@@ -16,10 +16,12 @@ use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_proto::presence::v1::{LocateRequest, Route};
 use bluetick_proto::required_device;
 use bluetick_store::{AcceptOutcome, AcceptRecord, InboxStoreRef, StoredMessage};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::MessagingConfig;
+
+/// Longest an accept waits for its push to reach the recipient's gateway.
+const PUSH_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Longest client_msg_id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
@@ -37,8 +39,8 @@ pub struct MessagingService {
 #[derive(Debug)]
 struct Inner {
     inbox: InboxStoreRef,
-    ack: AckClient<Channel>,
-    presence: PresenceClient<Channel>,
+    ack: AckClient<InternalChannel>,
+    presence: PresenceClient<InternalChannel>,
     pusher: GatewayPusher,
     ids: IdGenerator,
     message_ttl_ms: u64,
@@ -54,8 +56,8 @@ impl MessagingService {
         Ok(Self {
             inner: Arc::new(Inner {
                 inbox,
-                ack: AckClient::new(lazy_channel(&config.ack_url)?),
-                presence: PresenceClient::new(lazy_channel(&config.presence_url)?),
+                ack: AckClient::new(internal_channel(&config.ack_url)?),
+                presence: PresenceClient::new(internal_channel(&config.presence_url)?),
                 pusher: GatewayPusher::new(),
                 ids: IdGenerator::new(config.node_id),
                 message_ttl_ms: config.message_ttl.as_millis() as u64,
@@ -137,22 +139,29 @@ impl Inner {
             .map(|_| ())
     }
 
-    /// Pushes each frame to the gateway holding its device, if connected.
-    fn push(&self, routes: Vec<Route>, frames: &[(u32, ServerFrame)]) {
+    /// Pushes each frame to the gateway holding its device, if connected, and returns
+    /// receivers that complete when the frames were handed over (or given up).
+    fn push(
+        &self,
+        routes: Vec<Route>,
+        frames: &[(u32, ServerFrame)],
+    ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+        let mut handed_over = Vec::new();
         for route in routes {
             let Some(device) = route.device else { continue };
             for (device_id, frame) in frames {
                 if *device_id == device.device_id {
-                    self.pusher.push(
+                    handed_over.extend(self.pusher.push_and_notify(
                         &route.gateway_endpoint,
                         Delivery {
                             device: Some(device.clone()),
                             frame: Some(frame.clone()),
                         },
-                    );
+                    ));
                 }
             }
         }
+        handed_over
     }
 }
 
@@ -236,7 +245,12 @@ impl Messaging for MessagingService {
                 (device_id, ServerFrame::of(Frame::Message(message)))
             })
             .collect();
-        inner.push(routes, &frames);
+        // Answer once the push reached the recipient's gateway (bounded): the sender's
+        // next message may go through another messaging replica, and its push must not
+        // overtake this one. If the gateway is slow or gone, the message is stored anyway.
+        let handed_over = inner.push(routes, &frames);
+        let _ =
+            tokio::time::timeout(PUSH_HANDOVER_WAIT, futures::future::join_all(handed_over)).await;
         Ok(Response::new(AcceptResponse {
             message_id,
             sent_at_ms,

@@ -33,6 +33,10 @@ pub struct PresenceConfig {
     pub missed_beats: u32,
     /// How often coalesced last-seen times are written.
     pub flush_interval: Duration,
+    /// How long a fresh instance reports NOT_SERVING while the gateways' heartbeat reports
+    /// rebuild its routing table. Zero for a single instance (nothing to fall back on);
+    /// two heartbeat intervals when it is one of several replicas.
+    pub warm_up: Duration,
 }
 
 impl PresenceConfig {
@@ -43,6 +47,7 @@ impl PresenceConfig {
             heartbeat_interval: Duration::from_secs(5),
             missed_beats: 3,
             flush_interval: Duration::from_secs(1),
+            warm_up: Duration::ZERO,
         }
     }
 }
@@ -71,6 +76,7 @@ pub async fn serve(
     let spec = ServerSpec {
         service_names: vec!["bluetick.presence.v1.Presence"],
         accept_http1: false,
+        warm_up: config.warm_up,
     };
     let result = serve_grpc(spec, listener, routes, shutdown.clone()).await;
     shutdown.cancel();

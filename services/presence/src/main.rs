@@ -22,6 +22,10 @@ struct Args {
     /// Expected heartbeat interval in milliseconds.
     #[arg(long, env = "BLUETICK_HEARTBEAT_MS", default_value_t = 5_000)]
     heartbeat_ms: u64,
+    /// Milliseconds to report NOT_SERVING after start while routes are relearned from
+    /// heartbeats: set it (e.g. to two heartbeat intervals) when running several replicas.
+    #[arg(long, env = "BLUETICK_PRESENCE_WARM_UP_MS", default_value_t = 0)]
+    warm_up_ms: u64,
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
@@ -33,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     bluetick_common::telemetry::init_tracing(args.log_json);
     let mut config = PresenceConfig::new(args.store);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    config.warm_up = Duration::from_millis(args.warm_up_ms);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "presence listening");
     serve(

@@ -178,6 +178,15 @@ impl PresenceState {
                 if route.session_id == session_id {
                     route.last_beat_ms = route.last_beat_ms.max(seen);
                     route.gateway_endpoint = gateway_endpoint.to_string();
+                } else if seen > route.last_beat_ms {
+                    // A replica that missed an attach (it was down) still holds the route
+                    // of the device's previous stream, maybe on a gateway that died: the
+                    // session heard from last is the live one.
+                    *route = DeviceRoute {
+                        gateway_endpoint: gateway_endpoint.to_string(),
+                        session_id,
+                        last_beat_ms: seen,
+                    };
                 }
                 let entry = tables
                     .dirty_last_seen
