@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bluetick_common::channel::lazy_channel;
 use bluetick_common::server::{ServerSpec, serve as serve_grpc};
+use bluetick_common::trace::{TracedChannel, traced};
 use bluetick_proto::ack::v1::ack_client::AckClient;
 use bluetick_proto::gateway::v1::accounts_server::AccountsServer;
 use bluetick_proto::gateway::v1::chat_server::ChatServer;
@@ -32,7 +33,6 @@ use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_store::AccountStoreRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// How the gateway runs.
 #[derive(Clone, Debug)]
@@ -87,9 +87,9 @@ pub(crate) struct Gateway {
     /// This instance's internal endpoint, given to presence as the route to its devices.
     internal_url: String,
     accounts: AccountStoreRef,
-    messaging: MessagingClient<Channel>,
-    ack: AckClient<Channel>,
-    presence: PresenceClient<Channel>,
+    messaging: MessagingClient<TracedChannel>,
+    ack: AckClient<TracedChannel>,
+    presence: PresenceClient<TracedChannel>,
     sessions: sessions::Sessions,
     shutdown: CancellationToken,
 }
@@ -115,11 +115,11 @@ pub async fn serve(
     let gateway = Arc::new(Gateway {
         internal_url,
         accounts,
-        messaging: MessagingClient::new(lazy_channel(&config.messaging_url)?)
+        messaging: MessagingClient::new(traced(lazy_channel(&config.messaging_url)?))
             .max_decoding_message_size(max_frame)
             .max_encoding_message_size(max_frame),
-        ack: AckClient::new(lazy_channel(&config.ack_url)?),
-        presence: PresenceClient::new(lazy_channel(&config.presence_url)?),
+        ack: AckClient::new(traced(lazy_channel(&config.ack_url)?)),
+        presence: PresenceClient::new(traced(lazy_channel(&config.presence_url)?)),
         sessions: sessions::Sessions::default(),
         shutdown: shutdown.clone(),
         config,

@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use bluetick_common::channel::{lazy_channel, with_deadline};
 use bluetick_common::ids::IdGenerator;
+use bluetick_common::metrics::{metrics, time_store};
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
+use bluetick_common::trace::{TracedChannel, traced};
 use bluetick_proto::ack::v1::RecordSentRequest;
 use bluetick_proto::ack::v1::ack_client::AckClient;
 use bluetick_proto::common::v1::{DeviceAddress, InboundMessage, TickStatus};
@@ -16,7 +18,6 @@ use bluetick_proto::presence::v1::presence_client::PresenceClient;
 use bluetick_proto::presence::v1::{LocateRequest, Route};
 use bluetick_proto::required_device;
 use bluetick_store::{AcceptOutcome, AcceptRecord, InboxStoreRef, StoredMessage};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::MessagingConfig;
@@ -37,8 +38,8 @@ pub struct MessagingService {
 #[derive(Debug)]
 struct Inner {
     inbox: InboxStoreRef,
-    ack: AckClient<Channel>,
-    presence: PresenceClient<Channel>,
+    ack: AckClient<TracedChannel>,
+    presence: PresenceClient<TracedChannel>,
     pusher: GatewayPusher,
     ids: IdGenerator,
     message_ttl_ms: u64,
@@ -54,8 +55,8 @@ impl MessagingService {
         Ok(Self {
             inner: Arc::new(Inner {
                 inbox,
-                ack: AckClient::new(lazy_channel(&config.ack_url)?),
-                presence: PresenceClient::new(lazy_channel(&config.presence_url)?),
+                ack: AckClient::new(traced(lazy_channel(&config.ack_url)?)),
+                presence: PresenceClient::new(traced(lazy_channel(&config.presence_url)?)),
                 pusher: GatewayPusher::new(),
                 ids: IdGenerator::new(config.node_id),
                 message_ttl_ms: config.message_ttl.as_millis() as u64,
@@ -149,7 +150,11 @@ impl Inner {
 
 #[tonic::async_trait]
 impl Messaging for MessagingService {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(
+        name = "messaging.accept",
+        skip_all,
+        fields(sender = tracing::field::Empty, message_id = tracing::field::Empty)
+    )]
     async fn accept(
         &self,
         request: Request<AcceptRequest>,
@@ -157,6 +162,7 @@ impl Messaging for MessagingService {
         let inner = &self.inner;
         let request = request.into_inner();
         let sender = inner.validate(&request)?;
+        tracing::Span::current().record("sender", tracing::field::display(&sender));
         let message_id = inner.ids.next_id();
         let sent_at_ms = now_ms();
         let recipient_device_ids: Vec<u32> = request
@@ -178,14 +184,21 @@ impl Messaging for MessagingService {
                 .collect(),
         };
         let envelopes = record.envelopes.clone();
-        let outcome = inner.inbox.accept(record).await?;
+        let outcome = time_store("inbox.accept", inner.inbox.accept(record)).await?;
         let (message_id, sent_at_ms, duplicate) = match outcome {
-            AcceptOutcome::Stored => (message_id, sent_at_ms, false),
+            AcceptOutcome::Stored => {
+                metrics().messages_accepted.inc();
+                (message_id, sent_at_ms, false)
+            }
             AcceptOutcome::Duplicate {
                 message_id,
                 sent_at_ms,
-            } => (message_id, sent_at_ms, true),
+            } => {
+                metrics().messages_duplicate.inc();
+                (message_id, sent_at_ms, true)
+            }
         };
+        tracing::Span::current().record("message_id", message_id);
         // ack must know the message before any receipt for it can arrive. Recording it
         // again for a duplicate is harmless and repairs a crash between the two writes.
         // Where the recipient is connected is asked meanwhile.
@@ -234,11 +247,13 @@ impl Messaging for MessagingService {
         let request = request.into_inner();
         let device = required_device(request.device, "device")?;
         let limit = (request.limit as usize).clamp(1, MAX_PAGE);
-        let mut messages = self
-            .inner
-            .inbox
-            .pending(&device, request.after_message_id, limit + 1, now_ms())
-            .await?;
+        let mut messages = time_store(
+            "inbox.pending",
+            self.inner
+                .inbox
+                .pending(&device, request.after_message_id, limit + 1, now_ms()),
+        )
+        .await?;
         let more = messages.len() > limit;
         messages.truncate(limit);
         Ok(Response::new(FetchBacklogResponse {
@@ -260,16 +275,20 @@ impl Messaging for MessagingService {
         }
         match TickStatus::try_from(request.status) {
             Ok(TickStatus::Delivered) => {
-                self.inner
-                    .inbox
-                    .mark_delivered(&device, &request.message_ids)
-                    .await?
+                time_store(
+                    "inbox.mark_delivered",
+                    self.inner
+                        .inbox
+                        .mark_delivered(&device, &request.message_ids),
+                )
+                .await?
             }
             Ok(TickStatus::Read) => {
-                self.inner
-                    .inbox
-                    .remove(&device, &request.message_ids)
-                    .await?
+                time_store(
+                    "inbox.remove",
+                    self.inner.inbox.remove(&device, &request.message_ids),
+                )
+                .await?
             }
             _ => return Err(Status::invalid_argument("status must be DELIVERED or READ")),
         }
