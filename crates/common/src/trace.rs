@@ -170,9 +170,13 @@ where
     }
 }
 
-/// Returns the request span: named after the gRPC method, child of the remote caller.
+/// Returns the request span: named after the gRPC method, child of the remote caller. Health
+/// checks and reflection get none (probes would fill the trace store).
 fn server_span<B>(request: &http::Request<B>) -> Span {
     let path = request.uri().path();
+    if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+        return Span::none();
+    }
     let (service, method) = path
         .trim_start_matches('/')
         .split_once('/')
