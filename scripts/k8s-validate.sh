@@ -118,7 +118,9 @@ refuse "a store URL that is not scylla://" --set store.url=./data/gateway
 refuse "a missing store URL" --set store.url=null
 refuse "an unknown service type" --set gateway.service.type=Ingress
 refuse "a resource without limits" --set gateway.resources.limits=null
-log "values.schema.json refuses 8 kinds of bad values"
+refuse "a metrics port that is a gRPC port" --set observability.metrics.port=7700
+refuse "an OTLP endpoint that is not a URL" --set observability.traces.otlpEndpoint=collector:4317
+log "values.schema.json refuses 10 kinds of bad values"
 
 # 6. Invariants.
 "$python_bin" - "${rendered[@]}" <<'PY'

@@ -5,14 +5,18 @@
 //! - [`push`]: ordered, batched delivery of frames to gateway instances.
 //! - [`ids`]: time-ordered unique 64-bit ids.
 //! - [`auth`]: bearer-token parsing.
-//! - [`telemetry`]: tracing set-up and shutdown signals.
+//! - [`telemetry`]: logging and OpenTelemetry set-up, shutdown signals.
+//! - [`trace`]: W3C trace context on every internal gRPC hop.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 
 pub mod auth;
 pub mod channel;
 pub mod ids;
+pub mod metrics;
 pub mod push;
 pub mod server;
 pub mod telemetry;
+pub mod trace;
 
 /// Returns the current time in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -1,5 +1,6 @@
 //! The gRPC server bootstrap every service uses: health, reflection, keep-alives and a
-//! graceful shutdown that first reports NOT_SERVING.
+//! graceful shutdown that first reports NOT_SERVING. Every request runs in a `grpc.server`
+//! span continuing the caller's trace ([`crate::trace::ServerTraceLayer`]).
 
 use std::time::Duration;
 
@@ -100,6 +101,7 @@ pub async fn serve(
         .accept_http1(spec.accept_http1)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::trace::ServerTraceLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await?;

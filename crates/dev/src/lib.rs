@@ -42,6 +42,9 @@ pub struct DevConfig {
     pub store_url: Option<String>,
     /// Blob URL used instead of `<data>/media`.
     pub media_url: Option<String>,
+    /// Serve Prometheus metrics of every service on this port (`/metrics`); 0 picks a free
+    /// one; `None` (the default) serves none.
+    pub metrics_port: Option<u16>,
 }
 
 /// The port of each server.
@@ -90,6 +93,7 @@ impl DevConfig {
             message_ttl: Duration::from_secs(30 * 24 * 3600),
             store_url: None,
             media_url: None,
+            metrics_port: None,
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Endpoints {
     pub messaging: String,
     pub ack: String,
     pub presence: String,
+    /// Prometheus metrics of every service (`http://host:port/metrics`), when enabled.
+    pub metrics: Option<String>,
 }
 
 /// A running cluster. Stop it with [`DevCluster::shutdown`].
@@ -140,6 +146,10 @@ impl DevCluster {
         let (ack_listener, ack_addr) = bind(host, config.ports.ack).await?;
         let (presence_listener, presence_addr) = bind(host, config.ports.presence).await?;
         let (media_listener, media_addr) = bind(host, config.ports.media).await?;
+        let metrics_listener_opt = match config.metrics_port {
+            Some(port) => Some(bind(host, port).await?),
+            None => None,
+        };
         let url = |address: SocketAddr| format!("http://{address}");
         let endpoints = Endpoints {
             gateway: url(gateway_addr),
@@ -148,6 +158,9 @@ impl DevCluster {
             messaging: url(messaging_addr),
             ack: url(ack_addr),
             presence: url(presence_addr),
+            metrics: metrics_listener_opt
+                .as_ref()
+                .map(|(_, address)| format!("http://{address}/metrics")),
         };
         let ports = Ports {
             gateway: gateway_addr.port(),
@@ -166,6 +179,16 @@ impl DevCluster {
 
         let shutdown = CancellationToken::new();
         let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+
+        if let Some((metrics_listener, _)) = metrics_listener_opt {
+            tasks.push((
+                "metrics",
+                tokio::spawn(bluetick_common::metrics::serve_metrics(
+                    metrics_listener,
+                    shutdown.child_token(),
+                )),
+            ));
+        }
 
         let mut presence = PresenceConfig::new(store("presence"));
         presence.heartbeat_interval = config.heartbeat_interval;

@@ -61,12 +61,16 @@ struct Args {
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics of every service on this port at `/metrics` (off when
+    /// unset; 0 picks a free port, see --endpoints-file).
+    #[arg(long, env = "BLUETICK_METRICS_PORT")]
+    metrics_port: Option<u16>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    bluetick_common::telemetry::init_tracing(args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-dev", args.log_json);
     let mut config = DevConfig::new(&args.data_dir);
     config.host = args.host;
     config.ports = if args.ephemeral_ports {
@@ -86,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
     config.max_upload_bytes = args.max_upload_bytes;
     config.store_url = args.store.filter(|url| !url.is_empty());
     config.media_url = args.media.filter(|url| !url.is_empty());
+    config.metrics_port = args.metrics_port;
     let mut cluster = DevCluster::start(config).await?;
     cluster.wait_ready(Duration::from_secs(180)).await?;
     let endpoints = &cluster.endpoints;
@@ -99,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
         data = %args.data_dir.display(),
         "bluetick is running"
     );
+    if let Some(metrics) = &endpoints.metrics {
+        tracing::info!(%metrics, "prometheus metrics");
+    }
     eprintln!(
         "\nbluetick is running (data in {}):\n  gateway   {}   <- clients: accounts, chat, presence, keys\n  media     {}   <- clients: media (gRPC and HTTP)\n  internal: messaging {}, ack {}, presence {}, gateway-internal {}\nPress Ctrl-C to stop.\n",
         args.data_dir.display(),

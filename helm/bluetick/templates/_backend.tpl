@@ -65,6 +65,9 @@ spec:
             - name: grpc
               containerPort: {{ .port }}
               protocol: TCP
+            {{- if .root.Values.observability.metrics.enabled }}
+            {{- include "bluetick.metricsPort" .root | nindent 12 }}
+            {{- end }}
           {{- include "bluetick.probes" (dict "readinessPort" .port "livenessPort" .port "service" .grpcService) | nindent 10 }}
 ---
 # One virtual IP for tools (kubectl port-forward, grpcurl).

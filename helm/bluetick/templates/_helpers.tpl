@@ -90,6 +90,11 @@ labels:
   {{- end }}
 annotations:
   checksum/config: {{ include (print .root.Template.BasePath "/configmap.yaml") .root | sha256sum }}
+  {{- if .root.Values.observability.metrics.enabled }}
+  prometheus.io/scrape: "true"
+  prometheus.io/port: {{ .root.Values.observability.metrics.port | quote }}
+  prometheus.io/path: /metrics
+  {{- end }}
   {{- with .root.Values.podAnnotations }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -272,4 +277,11 @@ spec:
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/* The metrics container port (include it only when metrics are on). Call with the root context. */}}
+{{- define "bluetick.metricsPort" -}}
+- name: metrics
+  containerPort: {{ .Values.observability.metrics.port }}
+  protocol: TCP
 {{- end }}

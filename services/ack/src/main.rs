@@ -26,20 +26,22 @@ struct Args {
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
+    #[arg(long, env = "BLUETICK_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    bluetick_common::telemetry::init_tracing(args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-ack", args.log_json);
     let mut config = AckConfig::new(args.store, args.presence_url);
     config.node_id = args.node_id;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "ack listening");
-    serve(
-        config,
-        listener,
-        bluetick_common::telemetry::shutdown_on_signals(),
-    )
-    .await
+    let shutdown = bluetick_common::telemetry::shutdown_on_signals();
+    if let Some(address) = &args.metrics_addr {
+        bluetick_common::metrics::spawn_metrics_server(address, shutdown.clone()).await?;
+    }
+    serve(config, listener, shutdown).await
 }

@@ -4,10 +4,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluetick_common::channel::{InternalChannel, internal_channel, with_deadline};
+use bluetick_common::channel::{internal_channel, with_deadline};
 use bluetick_common::ids::IdGenerator;
+use bluetick_common::metrics::{metrics, time_store};
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
+use bluetick_common::trace::{TracedChannel, traced};
 use bluetick_proto::ack::v1::ack_server::Ack;
 use bluetick_proto::ack::v1::*;
 use bluetick_proto::common::v1::{DeviceAddress, Receipt, TickStatus};
@@ -36,7 +38,7 @@ pub struct AckService {
 #[derive(Debug)]
 struct Inner {
     ticks: TickStoreRef,
-    presence: PresenceClient<InternalChannel>,
+    presence: PresenceClient<TracedChannel>,
     pusher: GatewayPusher,
     ids: IdGenerator,
 }
@@ -50,7 +52,7 @@ impl AckService {
         Ok(Self {
             inner: Arc::new(Inner {
                 ticks,
-                presence: PresenceClient::new(internal_channel(&config.presence_url)?),
+                presence: PresenceClient::new(traced(internal_channel(&config.presence_url)?)),
                 pusher: GatewayPusher::new(),
                 ids: IdGenerator::new(config.node_id),
             }),
@@ -65,6 +67,27 @@ fn check_ids(ids: &[u64]) -> Result<(), Status> {
         )));
     }
     Ok(())
+}
+
+/// Counts a tick that moved forward and records how long after acceptance it came.
+fn record_tick(receipt: &StoredReceipt) {
+    let accepted_at_ms = IdGenerator::timestamp_ms(receipt.message_id);
+    let seconds = receipt.at_ms.saturating_sub(accepted_at_ms) as f64 / 1_000.0;
+    let tick = match receipt.status {
+        TickStatus::Delivered => {
+            metrics().messages_delivered.inc();
+            "delivered"
+        }
+        TickStatus::Read => {
+            metrics().messages_read.inc();
+            "read"
+        }
+        _ => return,
+    };
+    metrics()
+        .tick_latency
+        .get_or_create(&[("tick", tick)])
+        .observe(seconds);
 }
 
 fn receipt_frame(receipt: &StoredReceipt) -> ServerFrame {
@@ -133,21 +156,26 @@ impl Ack for AckService {
                 "message_id and recipient_device_ids are required",
             ));
         }
-        self.inner
-            .ticks
-            .record_sent(SentRecord {
+        time_store(
+            "ticks.record_sent",
+            self.inner.ticks.record_sent(SentRecord {
                 message_id: request.message_id,
                 sender,
                 recipient_user_id: request.recipient_user_id,
                 recipient_device_ids: request.recipient_device_ids,
                 sent_at_ms: request.sent_at_ms,
                 expires_at_ms: request.sent_at_ms + RECORD_TTL.as_millis() as u64,
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(Response::new(RecordSentResponse {}))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(
+        name = "ack.acknowledge",
+        skip_all,
+        fields(recipient = tracing::field::Empty, status = tracing::field::Empty, messages = tracing::field::Empty)
+    )]
     async fn acknowledge(
         &self,
         request: Request<AcknowledgeRequest>,
@@ -159,21 +187,28 @@ impl Ack for AckService {
             Ok(status) if status.is_receipt() => status,
             _ => return Err(Status::invalid_argument("status must be DELIVERED or READ")),
         };
+        let span = tracing::Span::current();
+        span.record("recipient", tracing::field::display(&recipient));
+        span.record("status", status.as_str_name());
+        span.record("messages", request.message_ids.len());
         let acks = request
             .message_ids
             .iter()
             .map(|message_id| (*message_id, self.inner.ids.next_id()))
             .collect();
-        let outcomes = self
-            .inner
-            .ticks
-            .acknowledge(&recipient, status, acks, now_ms())
-            .await?;
+        let outcomes = time_store(
+            "ticks.acknowledge",
+            self.inner
+                .ticks
+                .acknowledge(&recipient, status, acks, now_ms()),
+        )
+        .await?;
         let mut response = AcknowledgeResponse::default();
         let mut advanced = Vec::new();
         for (message_id, outcome) in request.message_ids.iter().zip(outcomes) {
             match outcome {
                 AckOutcome::Advanced(receipt) => {
+                    record_tick(&receipt);
                     response.accepted.push(*message_id);
                     advanced.push(receipt);
                 }
@@ -201,11 +236,13 @@ impl Ack for AckService {
         let request = request.into_inner();
         let device = required_device(request.device, "device")?;
         let limit = (request.limit as usize).clamp(1, MAX_PAGE);
-        let mut receipts = self
-            .inner
-            .ticks
-            .pending_receipts(&device, request.after_receipt_id, limit + 1)
-            .await?;
+        let mut receipts = time_store(
+            "ticks.pending_receipts",
+            self.inner
+                .ticks
+                .pending_receipts(&device, request.after_receipt_id, limit + 1),
+        )
+        .await?;
         let more = receipts.len() > limit;
         receipts.truncate(limit);
         Ok(Response::new(FetchReceiptsResponse {
@@ -221,10 +258,13 @@ impl Ack for AckService {
         let request = request.into_inner();
         let device = required_device(request.device, "device")?;
         check_ids(&request.receipt_ids)?;
-        self.inner
-            .ticks
-            .confirm_receipts(&device, &request.receipt_ids)
-            .await?;
+        time_store(
+            "ticks.confirm_receipts",
+            self.inner
+                .ticks
+                .confirm_receipts(&device, &request.receipt_ids),
+        )
+        .await?;
         Ok(Response::new(ConfirmReceiptsResponse {}))
     }
 

@@ -4,7 +4,9 @@
 //! - the reader (this task): takes frames from the device, answers heartbeats, checks
 //!   the heartbeat deadline, and hands sends and receipts to
 //! - the ops worker: calls messaging and ack one frame at a time, so a device's sends are
-//!   accepted in the order it sent them;
+//!   accepted in the order it sent them. Each send and acknowledgement starts its own trace
+//!   (a root `chat.send` / `chat.ack` span opened when the frame is read, carried with the
+//!   queued op and entered by the worker), so one message is one trace, not one session;
 //! - the sync task: attaches the device with presence, sends the backlog of messages and
 //!   receipts, then switches the session to live delivery.
 
@@ -28,6 +30,7 @@ use bluetick_proto::presence::v1::{AttachRequest, DetachRequest, HeartbeatsReque
 use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{Instrument, Span};
 
 use crate::Gateway;
 use crate::sessions::SessionHandle;
@@ -116,10 +119,10 @@ fn response_stream(
     ))
 }
 
-/// Work the reader hands to the ops worker.
+/// Work the reader hands to the ops worker, with the span (trace) it runs in.
 enum Op {
-    Send(SendMessage),
-    Ack(Acknowledge),
+    Send(SendMessage, Span),
+    Ack(Acknowledge, Span),
     Confirm(ConfirmReceipts),
 }
 
@@ -213,8 +216,29 @@ async fn handle_frame(
 ) -> bool {
     let op = match frame.frame {
         Some(ClientFrameBody::Heartbeat(_)) => return true,
-        Some(ClientFrameBody::Send(send)) => Op::Send(send),
-        Some(ClientFrameBody::Ack(ack)) => Op::Ack(ack),
+        Some(ClientFrameBody::Send(send)) => {
+            // A new trace per message; ids only, never the payload.
+            let span = tracing::info_span!(
+                parent: None,
+                "chat.send",
+                sender = %handle.device,
+                client_msg_id = %send.client_msg_id,
+                recipient_user_id = %send.recipient_user_id,
+                message_id = tracing::field::Empty,
+            );
+            Op::Send(send, span)
+        }
+        Some(ClientFrameBody::Ack(ack)) => {
+            let span = tracing::info_span!(
+                parent: None,
+                "chat.ack",
+                recipient = %handle.device,
+                status = ack.status,
+                messages = ack.message_ids.len(),
+                first_message_id = ack.message_ids.first().copied().unwrap_or(0),
+            );
+            Op::Ack(ack, span)
+        }
         Some(ClientFrameBody::ConfirmReceipts(confirm)) => Op::Confirm(confirm),
         Some(ClientFrameBody::Typing(typing)) => {
             relay_typing(gateway.clone(), handle.device.clone(), typing);
@@ -272,8 +296,18 @@ async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mps
             op = ops.recv() => match op { Some(op) => op, None => return },
         };
         let replies = match op {
-            Op::Send(send) => vec![handle_send(&gateway, &handle.device, send).await],
-            Op::Ack(ack) => handle_ack(&gateway, &handle.device, ack).await,
+            Op::Send(send, span) => {
+                vec![
+                    handle_send(&gateway, &handle.device, send)
+                        .instrument(span)
+                        .await,
+                ]
+            }
+            Op::Ack(ack, span) => {
+                handle_ack(&gateway, &handle.device, ack)
+                    .instrument(span)
+                    .await
+            }
             Op::Confirm(confirm) => handle_confirm(&gateway, &handle.device, confirm).await,
         };
         for reply in replies {
@@ -328,7 +362,12 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
             )),
         );
     }
-    let recipient = match gateway.accounts.get_user(&send.recipient_user_id).await {
+    let recipient = match bluetick_common::metrics::time_store(
+        "accounts.get_user",
+        gateway.accounts.get_user(&send.recipient_user_id),
+    )
+    .await
+    {
         Ok(Some(user)) => user,
         Ok(None) => {
             return rejected(client_msg_id, Status::not_found("unknown recipient"));
@@ -382,6 +421,7 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
     {
         Ok(response) => {
             let response = response.into_inner();
+            Span::current().record("message_id", response.message_id);
             ServerFrame::of(Frame::SendAccepted(SendAccepted {
                 client_msg_id,
                 message_id: response.message_id,

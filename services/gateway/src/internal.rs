@@ -21,6 +21,11 @@ impl InternalService {
 
 #[tonic::async_trait]
 impl GatewayInternal for InternalService {
+    #[tracing::instrument(
+        name = "gateway.deliver",
+        skip_all,
+        fields(frames = request.get_ref().deliveries.len(), not_connected = tracing::field::Empty)
+    )]
     async fn deliver(
         &self,
         request: Request<DeliverRequest>,
@@ -37,6 +42,7 @@ impl GatewayInternal for InternalService {
                 not_connected.push(index as u32);
             }
         }
+        tracing::Span::current().record("not_connected", not_connected.len());
         Ok(Response::new(DeliverResponse { not_connected }))
     }
 

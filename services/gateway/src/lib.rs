@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bluetick_common::channel::{InternalChannel, internal_channel};
 use bluetick_common::server::{ServerSpec, serve as serve_grpc};
+use bluetick_common::trace::{TracedChannel, traced};
 use bluetick_proto::ack::v1::ack_client::AckClient;
 use bluetick_proto::gateway::v1::accounts_server::AccountsServer;
 use bluetick_proto::gateway::v1::chat_server::ChatServer;
@@ -87,10 +88,10 @@ pub(crate) struct Gateway {
     /// This instance's internal endpoint, given to presence as the route to its devices.
     internal_url: String,
     accounts: AccountStoreRef,
-    messaging: MessagingClient<InternalChannel>,
-    ack: AckClient<InternalChannel>,
+    messaging: MessagingClient<TracedChannel>,
+    ack: AckClient<TracedChannel>,
     /// Reads (last seen, watch) go to any presence replica.
-    presence: PresenceClient<InternalChannel>,
+    presence: PresenceClient<TracedChannel>,
     /// Route changes (attach, detach, heartbeats) go to every presence replica, so each
     /// holds the whole routing table; see [`Gateway::tell_every_presence`].
     presence_peers: PresencePeers,
@@ -120,11 +121,11 @@ pub async fn serve(
     let gateway = Arc::new(Gateway {
         internal_url,
         accounts,
-        messaging: MessagingClient::new(internal_channel(&config.messaging_url)?)
+        messaging: MessagingClient::new(traced(internal_channel(&config.messaging_url)?))
             .max_decoding_message_size(max_frame)
             .max_encoding_message_size(max_frame),
-        ack: AckClient::new(internal_channel(&config.ack_url)?),
-        presence: PresenceClient::new(presence_channel.clone()),
+        ack: AckClient::new(traced(internal_channel(&config.ack_url)?)),
+        presence: PresenceClient::new(traced(presence_channel.clone())),
         presence_peers: PresencePeers::new(presence_channel),
         sessions: sessions::Sessions::default(),
         shutdown: shutdown.clone(),

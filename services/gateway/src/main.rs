@@ -59,12 +59,15 @@ struct Args {
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
+    #[arg(long, env = "BLUETICK_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    bluetick_common::telemetry::init_tracing(args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-gateway", args.log_json);
     let mut config = GatewayConfig::new(
         args.store,
         args.messaging_url,
@@ -77,11 +80,9 @@ async fn main() -> anyhow::Result<()> {
     let public = tokio::net::TcpListener::bind(&args.listen).await?;
     let internal = tokio::net::TcpListener::bind(&args.internal_listen).await?;
     tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "gateway listening");
-    serve(
-        config,
-        public,
-        internal,
-        bluetick_common::telemetry::shutdown_on_signals(),
-    )
-    .await
+    let shutdown = bluetick_common::telemetry::shutdown_on_signals();
+    if let Some(address) = &args.metrics_addr {
+        bluetick_common::metrics::spawn_metrics_server(address, shutdown.clone()).await?;
+    }
+    serve(config, public, internal, shutdown).await
 }

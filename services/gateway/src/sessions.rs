@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bluetick_common::metrics::metrics;
 use bluetick_common::now_ms;
 use bluetick_proto::common::v1::DeviceAddress;
 use bluetick_proto::gateway::v1::{ServerFrame, server_frame::Frame};
@@ -92,10 +93,13 @@ impl Sessions {
                 mode: Mode::Syncing(Vec::new()),
             },
         );
-        if let Some(previous) = previous {
-            previous.handle.terminate(Status::aborted(
+        match previous {
+            None => {
+                metrics().connected_devices.inc();
+            }
+            Some(previous) => previous.handle.terminate(Status::aborted(
                 "replaced by a newer connection of this device",
-            ));
+            )),
         }
     }
 
@@ -107,6 +111,7 @@ impl Sessions {
             .is_some_and(|entry| entry.handle.session_id == session_id)
         {
             entries.remove(device);
+            metrics().connected_devices.dec();
         }
     }
 

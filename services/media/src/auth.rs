@@ -17,7 +17,7 @@ use crate::error::{MediaError, MediaResult};
 /// Resolves bearer tokens to devices. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct Authenticator {
-    client: GatewayInternalClient<InternalChannel>,
+    client: GatewayInternalClient<bluetick_common::trace::TracedChannel>,
     cache: Arc<Mutex<TokenCache>>,
 }
 
@@ -62,7 +62,7 @@ impl Authenticator {
     /// Returns an authenticator asking the gateway behind `channel`.
     pub(crate) fn new(channel: InternalChannel, ttl: Duration, capacity: usize) -> Self {
         Self {
-            client: GatewayInternalClient::new(channel),
+            client: GatewayInternalClient::new(bluetick_common::trace::traced(channel)),
             cache: Arc::new(Mutex::new(TokenCache {
                 entries: HashMap::new(),
                 ttl,

@@ -34,12 +34,15 @@ struct Args {
     /// Log JSON lines instead of plain text.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
+    #[arg(long, env = "BLUETICK_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    let _telemetry = init_tracing("bluetick-media", args.log_json);
     let config = MediaConfig {
         blob_url: args.blobs,
         gateway_url: args.gateway_url,
@@ -51,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
     let shutdown = shutdown_on_signals();
+    if let Some(address) = &args.metrics_addr {
+        bluetick_common::metrics::spawn_metrics_server(address, shutdown.clone()).await?;
+    }
     let server = tokio::spawn(serve(config, listener, shutdown.clone()));
     tokio::pin!(server);
     tokio::select! {

@@ -45,22 +45,24 @@ struct Args {
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
+    #[arg(long, env = "BLUETICK_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    bluetick_common::telemetry::init_tracing(args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-messaging", args.log_json);
     let mut config = MessagingConfig::new(args.store, args.ack_url, args.presence_url);
     config.message_ttl = Duration::from_secs(args.message_ttl_days * 24 * 3600);
     config.max_payload_bytes = args.max_payload_bytes;
     config.node_id = args.node_id;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "messaging listening");
-    serve(
-        config,
-        listener,
-        bluetick_common::telemetry::shutdown_on_signals(),
-    )
-    .await
+    let shutdown = bluetick_common::telemetry::shutdown_on_signals();
+    if let Some(address) = &args.metrics_addr {
+        bluetick_common::metrics::spawn_metrics_server(address, shutdown.clone()).await?;
+    }
+    serve(config, listener, shutdown).await
 }

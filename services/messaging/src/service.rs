@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
-use bluetick_common::channel::{InternalChannel, internal_channel, with_deadline};
+use bluetick_common::channel::{internal_channel, with_deadline};
 use bluetick_common::ids::IdGenerator;
+use bluetick_common::metrics::{metrics, time_store};
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
+use bluetick_common::trace::{TracedChannel, traced};
 use bluetick_proto::ack::v1::RecordSentRequest;
 use bluetick_proto::ack::v1::ack_client::AckClient;
 use bluetick_proto::common::v1::{DeviceAddress, InboundMessage, TickStatus};
@@ -39,8 +41,8 @@ pub struct MessagingService {
 #[derive(Debug)]
 struct Inner {
     inbox: InboxStoreRef,
-    ack: AckClient<InternalChannel>,
-    presence: PresenceClient<InternalChannel>,
+    ack: AckClient<TracedChannel>,
+    presence: PresenceClient<TracedChannel>,
     pusher: GatewayPusher,
     ids: IdGenerator,
     message_ttl_ms: u64,
@@ -56,8 +58,8 @@ impl MessagingService {
         Ok(Self {
             inner: Arc::new(Inner {
                 inbox,
-                ack: AckClient::new(internal_channel(&config.ack_url)?),
-                presence: PresenceClient::new(internal_channel(&config.presence_url)?),
+                ack: AckClient::new(traced(internal_channel(&config.ack_url)?)),
+                presence: PresenceClient::new(traced(internal_channel(&config.presence_url)?)),
                 pusher: GatewayPusher::new(),
                 ids: IdGenerator::new(config.node_id),
                 message_ttl_ms: config.message_ttl.as_millis() as u64,
@@ -167,7 +169,11 @@ impl Inner {
 
 #[tonic::async_trait]
 impl Messaging for MessagingService {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(
+        name = "messaging.accept",
+        skip_all,
+        fields(sender = tracing::field::Empty, message_id = tracing::field::Empty)
+    )]
     async fn accept(
         &self,
         request: Request<AcceptRequest>,
@@ -175,6 +181,7 @@ impl Messaging for MessagingService {
         let inner = &self.inner;
         let request = request.into_inner();
         let sender = inner.validate(&request)?;
+        tracing::Span::current().record("sender", tracing::field::display(&sender));
         let message_id = inner.ids.next_id();
         let sent_at_ms = now_ms();
         let recipient_device_ids: Vec<u32> = request
@@ -209,22 +216,27 @@ impl Messaging for MessagingService {
             sent_at_ms,
         };
         let (outcome, mut recorded, routes) = tokio::join!(
-            inner.inbox.accept(record),
+            time_store("inbox.accept", inner.inbox.accept(record)),
             inner.record_sent(sent(message_id, sent_at_ms)),
             inner.locate(&request.recipient_user_id)
         );
         let (message_id, sent_at_ms, duplicate) = match outcome? {
-            AcceptOutcome::Stored => (message_id, sent_at_ms, false),
+            AcceptOutcome::Stored => {
+                metrics().messages_accepted.inc();
+                (message_id, sent_at_ms, false)
+            }
             AcceptOutcome::Duplicate {
                 message_id: first_id,
                 sent_at_ms: first_sent_at_ms,
             } => {
+                metrics().messages_duplicate.inc();
                 // Recorded again under the first id: harmless, and repairs a crash between
                 // the two writes of the first attempt.
                 recorded = inner.record_sent(sent(first_id, first_sent_at_ms)).await;
                 (first_id, first_sent_at_ms, true)
             }
         };
+        tracing::Span::current().record("message_id", message_id);
         recorded.map_err(|status| {
             tracing::warn!(%status, message_id, "ack unavailable");
             Status::unavailable("ack service unavailable, resend with the same client_msg_id")
@@ -265,11 +277,13 @@ impl Messaging for MessagingService {
         let request = request.into_inner();
         let device = required_device(request.device, "device")?;
         let limit = (request.limit as usize).clamp(1, MAX_PAGE);
-        let mut messages = self
-            .inner
-            .inbox
-            .pending(&device, request.after_message_id, limit + 1, now_ms())
-            .await?;
+        let mut messages = time_store(
+            "inbox.pending",
+            self.inner
+                .inbox
+                .pending(&device, request.after_message_id, limit + 1, now_ms()),
+        )
+        .await?;
         let more = messages.len() > limit;
         messages.truncate(limit);
         Ok(Response::new(FetchBacklogResponse {
@@ -291,16 +305,20 @@ impl Messaging for MessagingService {
         }
         match TickStatus::try_from(request.status) {
             Ok(TickStatus::Delivered) => {
-                self.inner
-                    .inbox
-                    .mark_delivered(&device, &request.message_ids)
-                    .await?
+                time_store(
+                    "inbox.mark_delivered",
+                    self.inner
+                        .inbox
+                        .mark_delivered(&device, &request.message_ids),
+                )
+                .await?
             }
             Ok(TickStatus::Read) => {
-                self.inner
-                    .inbox
-                    .remove(&device, &request.message_ids)
-                    .await?
+                time_store(
+                    "inbox.remove",
+                    self.inner.inbox.remove(&device, &request.message_ids),
+                )
+                .await?
             }
             _ => return Err(Status::invalid_argument("status must be DELIVERED or READ")),
         }

@@ -29,21 +29,23 @@ struct Args {
     /// Log JSON lines.
     #[arg(long, env = "BLUETICK_LOG_JSON")]
     log_json: bool,
+    /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
+    #[arg(long, env = "BLUETICK_METRICS_ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    bluetick_common::telemetry::init_tracing(args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-presence", args.log_json);
     let mut config = PresenceConfig::new(args.store);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.warm_up = Duration::from_millis(args.warm_up_ms);
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "presence listening");
-    serve(
-        config,
-        listener,
-        bluetick_common::telemetry::shutdown_on_signals(),
-    )
-    .await
+    let shutdown = bluetick_common::telemetry::shutdown_on_signals();
+    if let Some(address) = &args.metrics_addr {
+        bluetick_common::metrics::spawn_metrics_server(address, shutdown.clone()).await?;
+    }
+    serve(config, listener, shutdown).await
 }
