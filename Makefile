@@ -6,6 +6,7 @@
 #   make test-fast    the in-process Rust suites only
 #   make test         everything CI runs, phase by phase with wall times
 #   make test-engines the suites on Cassandra and SeaweedFS (installed and started here)
+#   make test-minio   the S3 suites on MinIO (built with go install; not part of make test)
 #   make run          start the dev cluster on loopback (make run ARGS="--help")
 #   make clean-data   delete the dev cluster's ./data
 
@@ -19,7 +20,7 @@ export CARGO
 # engines, S3, manifests) are appended here.
 TEST_PHASES ?= fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines
 
-.PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines tools test run clean-data
+.PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-minio tools test run clean-data
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -55,6 +56,11 @@ tools:
 # scripts: the storage suites, media on S3, the end-to-end suite on the engines, an outage.
 test-engines:
 	bash scripts/test-engines.sh
+
+# The blob and media S3 suites on MinIO, the second S3 engine. Not in TEST_PHASES: a cold
+# MinIO build (go install) takes ~16 minutes of CI's budget.
+test-minio:
+	bash scripts/test-minio.sh
 
 test:
 	MAKE="$(MAKE)" bash scripts/run-phases.sh $(TEST_PHASES)
