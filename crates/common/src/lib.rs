@@ -6,10 +6,12 @@
 //! - [`ids`]: time-ordered unique 64-bit ids.
 //! - [`auth`]: bearer-token parsing.
 //! - [`telemetry`]: tracing set-up and shutdown signals.
+//! - [`limits`]: raising the open-files limit for processes holding many connections.
 
 pub mod auth;
 pub mod channel;
 pub mod ids;
+pub mod limits;
 pub mod push;
 pub mod server;
 pub mod telemetry;
