@@ -35,6 +35,7 @@ use bluetick_client::{
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -179,15 +180,19 @@ struct User {
 
 async fn register_users(args: &Args, count: usize, tag: &str) -> anyhow::Result<Vec<User>> {
     let run = rand::random::<u32>();
-    let mut users = Vec::with_capacity(count);
-    for index in 0..count {
-        let user_id = format!("bench{tag}{run}x{index}");
-        let credentials = register(&args.gateway, &args.media, &user_id, "bench")
-            .await
-            .with_context(|| format!("registering {user_id}"))?;
-        users.push(User { credentials });
-    }
-    Ok(users)
+    // Each registration is a durable write; many in flight share the store's group commits.
+    let results: Vec<anyhow::Result<User>> = futures::stream::iter(0..count)
+        .map(|index| async move {
+            let user_id = format!("bench{tag}{run}x{index}");
+            let credentials = register(&args.gateway, &args.media, &user_id, "bench")
+                .await
+                .with_context(|| format!("registering {user_id}"))?;
+            Ok(User { credentials })
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 async fn connect(user: &User) -> anyhow::Result<(ChatHandle, ChatEvents)> {
@@ -359,9 +364,8 @@ async fn run_traffic(
     let seconds = end.duration_since(start).as_secs_f64();
     let one_way = tally.one_way.as_ref();
     let double_tick = tally.double_tick.as_ref();
-    for handle in handles {
-        let _ = handle.close().await;
-    }
+    // Closing waits up to a second per session for the server; close them all at once.
+    futures::future::join_all(handles.iter().map(|handle| handle.close())).await;
     Ok(Report {
         scenario,
         messages: tally.received,
@@ -463,9 +467,8 @@ async fn run_offline(
         .unwrap_or_else(Instant::now)
         .duration_since(drain_start)
         .as_secs_f64();
-    for handle in handles {
-        let _ = handle.close().await;
-    }
+    // Closing waits up to a second per session for the server; close them all at once.
+    futures::future::join_all(handles.iter().map(|handle| handle.close())).await;
     Ok(Report {
         scenario: "offline",
         messages: tally.received,
