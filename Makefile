@@ -10,6 +10,8 @@
 #   make test-minio   the S3 suites on MinIO (built with go install; not part of make test)
 #   make run          start the dev cluster on loopback (make run ARGS="--help")
 #   make clean-data   delete the dev cluster's ./data
+#   make bench        release build, benchmark scenarios against a fresh dev cluster, table
+#   make bench-idle-100k  19,000 idle devices on one gateway, then 100,000 across gateways
 
 CARGO ?= cargo
 ARGS ?=
@@ -21,7 +23,7 @@ export CARGO
 # engines, S3, manifests) are appended here.
 TEST_PHASES ?= fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-multinode
 
-.PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-multinode test-minio tools test run clean-data
+.PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-multinode test-minio tools test run clean-data bench bench-idle-100k
 
 build:
 	$(CARGO) build --workspace --all-targets
@@ -79,3 +81,11 @@ run:
 
 clean-data:
 	rm -rf ./data
+
+# Benchmarks (see BENCHMARKS.md): release binaries against a fresh bluetick-dev on
+# ephemeral ports; STORE and MEDIA as for `make run`, BENCH_RUNS=3 for medians.
+bench:
+	STORE="$(STORE)" MEDIA="$(MEDIA)" bash scripts/bench.sh default
+
+bench-idle-100k:
+	STORE="$(STORE)" MEDIA="$(MEDIA)" bash scripts/bench.sh idle-100k

@@ -9,6 +9,15 @@
 //!   from send to the double tick back at the sender.
 //! - `offline`: senders send K messages each to N offline recipients, then all recipients
 //!   connect at once; time to store and time to drain.
+//! - `idle`: C authenticated devices hold their stream open and heartbeat; server resident
+//!   memory per device and server CPU at steady state ([`idle`]).
+//! - `media`: a file uploaded and downloaded through the media service; MiB/s each way and
+//!   the media server's peak resident memory ([`media`]).
+//! - `procstat`: reads resident memory and CPU share of server processes (used by the
+//!   multi-process idle run in `scripts/bench.sh`).
+//!
+//! With `--server-pid`, server CPU (and for idle and media, memory) is read from
+//! `/proc/<pid>/stat` and `/proc/<pid>/status`.
 //!
 //! Every run is bounded: a deadline ends it (and the run fails) if traffic stalls. The
 //! generator's own CPU share is printed, so it can be told apart from the server's.
@@ -26,9 +35,16 @@ use bluetick_client::{
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Mutex;
+
+mod idle;
+mod media;
+mod procfs;
+
+use procfs::self_cpu_seconds as cpu_seconds;
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -45,6 +61,9 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
+    /// Server processes whose CPU (and memory) to read from /proc (repeat or comma-separate).
+    #[arg(long = "server-pid", value_delimiter = ',', global = true)]
+    server_pids: Vec<u32>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -80,6 +99,20 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         payload_bytes: usize,
     },
+    /// Devices connected and heartbeating: server memory per device and CPU.
+    Idle(idle::IdleArgs),
+    /// Upload and download of one file through the media service.
+    Media {
+        /// File size in MiB.
+        #[arg(long, default_value_t = 100)]
+        size_mib: u64,
+    },
+    /// Resident memory and CPU share of --server-pid processes over a window.
+    Procstat {
+        /// Window in seconds (0: memory only).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -100,6 +133,8 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     store_seconds: Option<f64>,
     generator_cpu_percent: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_percent: Option<f64>,
 }
 
 /// Payload: 8 bytes of send time (µs since the run's epoch), sender index, then padding.
@@ -118,22 +153,21 @@ fn sent_micros(payload: &[u8]) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
-/// CPU time of this process so far (user + system), from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|both| both.iter().filter_map(|f| f.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / 100.0
+/// Returns the CPU seconds of `pids` so far, summed (0 for processes that cannot be read).
+fn server_cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| procfs::sample(*pid).ok())
+        .map(|sample| sample.cpu_seconds)
+        .sum()
+}
+
+/// Returns the CPU share of `pids` since `(cpu_before, wall_before)`, or `None` without pids.
+fn server_cpu_percent(pids: &[u32], cpu_before: f64, wall_before: Instant) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let wall = wall_before.elapsed().as_secs_f64().max(1e-9);
+    Some(100.0 * (server_cpu_seconds(pids) - cpu_before) / wall)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -146,15 +180,19 @@ struct User {
 
 async fn register_users(args: &Args, count: usize, tag: &str) -> anyhow::Result<Vec<User>> {
     let run = rand::random::<u32>();
-    let mut users = Vec::with_capacity(count);
-    for index in 0..count {
-        let user_id = format!("bench{tag}{run}x{index}");
-        let credentials = register(&args.gateway, &args.media, &user_id, "bench")
-            .await
-            .with_context(|| format!("registering {user_id}"))?;
-        users.push(User { credentials });
-    }
-    Ok(users)
+    // Each registration is a durable write; many in flight share the store's group commits.
+    let results: Vec<anyhow::Result<User>> = futures::stream::iter(0..count)
+        .map(|index| async move {
+            let user_id = format!("bench{tag}{run}x{index}");
+            let credentials = register(&args.gateway, &args.media, &user_id, "bench")
+                .await
+                .with_context(|| format!("registering {user_id}"))?;
+            Ok(User { credentials })
+        })
+        .buffered(32)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 async fn connect(user: &User) -> anyhow::Result<(ChatHandle, ChatEvents)> {
@@ -275,6 +313,7 @@ async fn run_traffic(
     }
     let total = (users * messages_per_user) as u64;
     let cpu_before = cpu_seconds();
+    let server_cpu_before = server_cpu_seconds(&args.server_pids);
     let start = Instant::now();
     let interval_opt = rate_opt.map(|rate| Duration::from_secs_f64(users as f64 / rate as f64));
     let mut senders = Vec::new();
@@ -316,6 +355,7 @@ async fn run_traffic(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let server_cpu = server_cpu_percent(&args.server_pids, server_cpu_before, start);
     // A short grace period to catch duplicates and late double ticks.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = cpu_seconds() - cpu_before;
@@ -324,9 +364,8 @@ async fn run_traffic(
     let seconds = end.duration_since(start).as_secs_f64();
     let one_way = tally.one_way.as_ref();
     let double_tick = tally.double_tick.as_ref();
-    for handle in handles {
-        let _ = handle.close().await;
-    }
+    // Closing waits up to a second per session for the server; close them all at once.
+    futures::future::join_all(handles.iter().map(|handle| handle.close())).await;
     Ok(Report {
         scenario,
         messages: tally.received,
@@ -341,6 +380,7 @@ async fn run_traffic(
         double_tick_p99_ms: double_tick.map(|h| ms(h.value_at_quantile(0.99))),
         store_seconds: None,
         generator_cpu_percent: 100.0 * cpu / seconds.max(1e-9),
+        server_cpu_percent: server_cpu,
     })
 }
 
@@ -354,6 +394,7 @@ async fn run_offline(
     let recipients = register_users(args, users, "r").await?;
     let epoch = Instant::now();
     let cpu_before = cpu_seconds();
+    let server_cpu_before = server_cpu_seconds(&args.server_pids);
     let store_start = Instant::now();
     let mut tasks = Vec::new();
     for (index, sender) in senders.iter().enumerate() {
@@ -418,6 +459,7 @@ async fn run_offline(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let server_cpu = server_cpu_percent(&args.server_pids, server_cpu_before, store_start);
     let cpu = cpu_seconds() - cpu_before;
     let tally = tally.lock().await;
     let seconds = tally
@@ -425,9 +467,8 @@ async fn run_offline(
         .unwrap_or_else(Instant::now)
         .duration_since(drain_start)
         .as_secs_f64();
-    for handle in handles {
-        let _ = handle.close().await;
-    }
+    // Closing waits up to a second per session for the server; close them all at once.
+    futures::future::join_all(handles.iter().map(|handle| handle.close())).await;
     Ok(Report {
         scenario: "offline",
         messages: tally.received,
@@ -437,14 +478,19 @@ async fn run_offline(
         messages_per_second: tally.received as f64 / seconds.max(1e-9),
         store_seconds: Some(store_seconds),
         generator_cpu_percent: 100.0 * cpu / (store_seconds + seconds).max(1e-9),
+        server_cpu_percent: server_cpu,
         ..Report::default()
     })
 }
 
+fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
 fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(report)?);
-        return Ok(());
+        return print_json(report);
     }
     let name = report.scenario;
     println!(
@@ -469,6 +515,9 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     if let (Some(p50), Some(p99)) = (report.double_tick_p50_ms, report.double_tick_p99_ms) {
         println!("{name}: send -> double tick p50 {p50:.2} ms, p99 {p99:.2} ms");
     }
+    if let Some(server) = report.server_cpu_percent {
+        println!("{name}: server CPU {server:.0}% of one core");
+    }
     println!(
         "{name}: generator CPU {:.0}% of one core",
         report.generator_cpu_percent
@@ -476,9 +525,97 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_idle(report: &idle::IdleReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    println!(
+        "idle: {} of {} devices connected ({} failed, {} dropped) in {:.1} s, open files limit {}",
+        report.connected,
+        report.devices,
+        report.failed,
+        report.dropped,
+        report.connect_seconds,
+        report.open_files_limit
+    );
+    if let Some(error) = &report.first_error {
+        println!("idle: first error: {error}");
+    }
+    if !report.server_pids.is_empty() {
+        println!(
+            "idle: server RSS {:.1} MiB -> {:.1} MiB, {:.1} KiB per device",
+            report.server_rss_before_kib as f64 / 1024.0,
+            report.server_rss_after_kib as f64 / 1024.0,
+            report.server_rss_per_device_kib
+        );
+        println!(
+            "idle: server CPU {:.1}% of one core at steady state ({:.0} s)",
+            report.server_cpu_percent, report.measure_seconds
+        );
+    }
+    println!(
+        "idle: generator CPU {:.1}% of one core",
+        report.generator_cpu_percent
+    );
+    Ok(())
+}
+
+fn print_media(report: &media::MediaReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    println!(
+        "media: upload {:.0} MiB in {:.2} s, {:.0} MiB/s (server CPU {:.0}%)",
+        report.size_mib,
+        report.upload_seconds,
+        report.upload_mib_per_second,
+        report.server_cpu_upload_percent
+    );
+    println!(
+        "media: download {:.0} MiB in {:.2} s, {:.0} MiB/s (server CPU {:.0}%)",
+        report.size_mib,
+        report.download_seconds,
+        report.download_mib_per_second,
+        report.server_cpu_download_percent
+    );
+    if report.server_pid.is_some() {
+        println!(
+            "media: server RSS {:.1} MiB before, peak {:.1} MiB",
+            report.server_rss_before_mib, report.server_peak_rss_mib
+        );
+    }
+    println!(
+        "media: generator CPU {:.0}% of one core",
+        report.generator_cpu_percent
+    );
+    Ok(())
+}
+
+fn print_procstat(report: &idle::ProcReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    for process in &report.processes {
+        println!(
+            "procstat: pid {} RSS {:.1} MiB (peak {:.1} MiB)",
+            process.pid,
+            process.rss_kib as f64 / 1024.0,
+            process.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "procstat: total RSS {:.1} MiB, CPU {:.1}% of one core over {:.1} s",
+        report.total_rss_kib as f64 / 1024.0,
+        report.cpu_percent,
+        report.seconds
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
     let report = match args.scenario.clone() {
         Scenario::Online {
             users,
@@ -499,6 +636,33 @@ async fn main() -> anyhow::Result<()> {
             messages,
             payload_bytes,
         } => run_offline(&args, users, messages, payload_bytes).await?,
+        Scenario::Idle(idle_args) => {
+            let run = idle::run_idle(&args.gateway, &idle_args, &args.server_pids, deadline);
+            let report = tokio::time::timeout_at(deadline.into(), run)
+                .await
+                .context("idle run passed its deadline")??;
+            print_idle(&report, args.json)?;
+            if report.failed > 0 || report.dropped > 0 {
+                bail!("{} failed, {} dropped", report.failed, report.dropped);
+            }
+            return Ok(());
+        }
+        Scenario::Media { size_mib } => {
+            let run = media::run_media(
+                &args.gateway,
+                &args.media,
+                size_mib,
+                args.server_pids.first().copied(),
+            );
+            let report = tokio::time::timeout_at(deadline.into(), run)
+                .await
+                .context("media run passed its deadline")??;
+            return print_media(&report, args.json);
+        }
+        Scenario::Procstat { seconds } => {
+            let report = idle::run_procstat(&args.server_pids, seconds).await?;
+            return print_procstat(&report, args.json);
+        }
     };
     print(&report, args.json)?;
     if report.lost > 0 || report.duplicated > 0 {

@@ -8,10 +8,12 @@
 //! - [`telemetry`]: logging and OpenTelemetry set-up, shutdown signals.
 //! - [`trace`]: W3C trace context on every internal gRPC hop.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
+//! - [`limits`]: raising the open-files limit for processes holding many connections.
 
 pub mod auth;
 pub mod channel;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod push;
 pub mod server;

@@ -71,6 +71,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-dev", args.log_json);
+    match bluetick_common::limits::raise_open_files_limit() {
+        Ok(open_files) => tracing::debug!(open_files, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),
+    }
     let mut config = DevConfig::new(&args.data_dir);
     config.host = args.host;
     config.ports = if args.ephemeral_ports {
