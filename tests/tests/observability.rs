@@ -90,7 +90,7 @@ async fn scrape(url: &str) -> String {
 }
 
 /// A message from alice to bob is one trace: alice's gateway (`chat.send`), messaging's
-/// Accept, ack's RecordSent, presence's Locate and bob's gateway's Deliver all share its
+/// AcceptBatch, ack's RecordSent, presence's Locate and bob's gateway's Deliver all share its
 /// trace id, and each server span has a remote parent (it came through the gRPC headers).
 /// The counters of `/metrics` move by exactly this one message, delivered and read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +176,7 @@ async fn one_message_is_one_trace_across_services_and_moves_the_metrics() {
     );
 
     let hops = [
-        ("bluetick.messaging.v1.Messaging", "Accept"),
+        ("bluetick.messaging.v1.Messaging", "AcceptBatch"),
         ("bluetick.ack.v1.Ack", "RecordSent"),
         ("bluetick.presence.v1.Presence", "Locate"),
         ("bluetick.gateway.v1.GatewayInternal", "Deliver"),
@@ -200,16 +200,23 @@ async fn one_message_is_one_trace_across_services_and_moves_the_metrics() {
         assert_eq!(span.span_kind, SpanKind::Server);
     }
     // Accept's caller is alice's gateway; RecordSent's and Locate's caller is messaging.
-    let accept = server_span(&spans, trace, "bluetick.messaging.v1.Messaging", "Accept").unwrap();
+    let accept = server_span(
+        &spans,
+        trace,
+        "bluetick.messaging.v1.Messaging",
+        "AcceptBatch",
+    )
+    .unwrap();
     assert_eq!(accept.parent_span_id, send_span_id);
     let accept_handler = spans
         .iter()
         .find(|span| {
-            span.name == "messaging.accept" && span.parent_span_id == accept.span_context.span_id()
+            span.name == "messaging.accept_batch"
+                && span.parent_span_id == accept.span_context.span_id()
         })
         .unwrap();
     assert_eq!(
-        attribute(accept_handler, "message_id").as_deref(),
+        attribute(accept_handler, "first_message_id").as_deref(),
         Some(message_id_text.as_str())
     );
     for (service, method) in [

@@ -24,7 +24,8 @@ use bluetick_proto::gateway::v1::client_frame::Frame as ClientFrameBody;
 use bluetick_proto::gateway::v1::server_frame::Frame;
 use bluetick_proto::gateway::v1::*;
 use bluetick_proto::messaging::v1::{
-    AcceptRequest, Envelope, FetchBacklogRequest, RelayRequest, SettleRequest,
+    AcceptBatchRequest, AcceptRequest, AcceptResponse, Envelope, FetchBacklogRequest, RelayRequest,
+    SettleRequest, accept_result,
 };
 use bluetick_proto::presence::v1::{AttachRequest, DetachRequest, HeartbeatsRequest, SessionRef};
 use futures::Stream;
@@ -39,6 +40,8 @@ use crate::sessions::SessionHandle;
 const MAX_CLIENT_MSG_ID: usize = 64;
 /// Most ids in one Acknowledge or ConfirmReceipts frame.
 const MAX_IDS_PER_FRAME: usize = 1_000;
+/// Most queued sends of one device accepted in one batch (messaging's limit).
+const MAX_SENDS_PER_BATCH: usize = 256;
 /// Frames waiting for the ops worker before the reader stops reading.
 const OPS_QUEUE: usize = 256;
 /// Backlog page size.
@@ -290,18 +293,30 @@ async fn send_frame(handle: &SessionHandle, frame: ServerFrame) {
 }
 
 async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mpsc::Receiver<Op>) {
+    let mut held: Option<Op> = None;
     loop {
-        let op = tokio::select! {
-            _ = handle.cancel.cancelled() => return,
-            op = ops.recv() => match op { Some(op) => op, None => return },
+        let op = match held.take() {
+            Some(op) => op,
+            None => tokio::select! {
+                _ = handle.cancel.cancelled() => return,
+                op = ops.recv() => match op { Some(op) => op, None => return },
+            },
         };
         let replies = match op {
             Op::Send(send, span) => {
-                vec![
-                    handle_send(&gateway, &handle.device, send)
-                        .instrument(span)
-                        .await,
-                ]
+                // The sends queued behind this one go with it: one batch, in order.
+                let mut sends = vec![(send, span)];
+                while sends.len() < MAX_SENDS_PER_BATCH {
+                    match ops.try_recv() {
+                        Ok(Op::Send(send, span)) => sends.push((send, span)),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                handle_sends(&gateway, &handle.device, sends).await
             }
             Op::Ack(ack, span) => {
                 handle_ack(&gateway, &handle.device, ack)
@@ -325,28 +340,123 @@ fn rejected(client_msg_id: String, status: Status) -> ServerFrame {
     }))
 }
 
-/// Resolves the recipient's devices and has messaging accept the message.
-async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessage) -> ServerFrame {
+/// Has messaging accept a device's consecutive sends in one batch; returns one reply per
+/// send, in order.
+async fn handle_sends(
+    gateway: &Gateway,
+    sender: &DeviceAddress,
+    sends: Vec<(SendMessage, Span)>,
+) -> Vec<ServerFrame> {
+    let mut replies: Vec<Option<ServerFrame>> = Vec::with_capacity(sends.len());
+    let mut requests = Vec::new();
+    let mut waiting = Vec::new();
+    for (send, span) in sends {
+        match prepare_send(gateway, sender, send)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(request) => {
+                waiting.push((replies.len(), request.client_msg_id.clone(), span.clone()));
+                requests.push(request);
+                replies.push(None);
+            }
+            Err(reply) => replies.push(Some(reply)),
+        }
+    }
+    if !requests.is_empty() {
+        // The batch runs in the first message's trace.
+        let span = waiting
+            .first()
+            .map(|(_, _, span)| span.clone())
+            .unwrap_or_else(Span::none);
+        let results = match gateway
+            .messaging
+            .clone()
+            .accept_batch(with_deadline(AcceptBatchRequest { requests }))
+            .instrument(span)
+            .await
+        {
+            Ok(response) => response
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|result| match result.result {
+                    Some(accept_result::Result::Accepted(accepted)) => Ok(accepted),
+                    Some(accept_result::Result::Error(error)) => {
+                        Err(Status::new(Code::from_i32(error.code), error.message))
+                    }
+                    None => Err(Status::internal("empty accept result")),
+                })
+                .collect(),
+            Err(status) => vec![Err(status); waiting.len()],
+        };
+        let mut results = results.into_iter();
+        for (index, client_msg_id, span) in waiting {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(Status::internal("accept result missing")));
+            replies[index] = Some(accept_reply(client_msg_id, result, &span));
+        }
+    }
+    replies.into_iter().flatten().collect()
+}
+
+/// The reply to one send from messaging's answer.
+fn accept_reply(
+    client_msg_id: String,
+    result: Result<AcceptResponse, Status>,
+    span: &Span,
+) -> ServerFrame {
+    match result {
+        Ok(response) => {
+            span.record("message_id", response.message_id);
+            ServerFrame::of(Frame::SendAccepted(SendAccepted {
+                client_msg_id,
+                message_id: response.message_id,
+                sent_at_ms: response.sent_at_ms,
+                duplicate: response.duplicate,
+            }))
+        }
+        Err(status) => {
+            let status = match status.code() {
+                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => status,
+                _ => {
+                    tracing::warn!(parent: span, %status, "messaging accept failed");
+                    Status::unavailable("message not stored, resend with the same client_msg_id")
+                }
+            };
+            rejected(client_msg_id, status)
+        }
+    }
+}
+
+/// Checks a send and resolves the recipient's devices: the request for messaging, or the
+/// reply refusing it.
+async fn prepare_send(
+    gateway: &Gateway,
+    sender: &DeviceAddress,
+    send: SendMessage,
+) -> Result<AcceptRequest, ServerFrame> {
     let client_msg_id = send.client_msg_id;
     if client_msg_id.is_empty() || client_msg_id.len() > MAX_CLIENT_MSG_ID {
-        return rejected(
+        return Err(rejected(
             client_msg_id,
             Status::invalid_argument(format!(
                 "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"
             )),
-        );
+        ));
     }
     if send.recipient_user_id.is_empty() {
-        return rejected(
+        return Err(rejected(
             client_msg_id,
             Status::invalid_argument("recipient_user_id is required"),
-        );
+        ));
     }
     if send.payloads.is_empty() {
-        return rejected(
+        return Err(rejected(
             client_msg_id,
             Status::invalid_argument("a payload is required"),
-        );
+        ));
     }
     let limit = gateway.config.max_payload_bytes;
     if let Some(oversize) = send
@@ -354,13 +464,13 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
         .iter()
         .find(|payload| payload.payload.len() > limit)
     {
-        return rejected(
+        return Err(rejected(
             client_msg_id,
             Status::resource_exhausted(format!(
                 "payload of {} bytes exceeds the {limit} byte limit",
                 oversize.payload.len()
             )),
-        );
+        ));
     }
     let recipient = match bluetick_common::metrics::time_store(
         "accounts.get_user",
@@ -370,9 +480,12 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
     {
         Ok(Some(user)) => user,
         Ok(None) => {
-            return rejected(client_msg_id, Status::not_found("unknown recipient"));
+            return Err(rejected(
+                client_msg_id,
+                Status::not_found("unknown recipient"),
+            ));
         }
-        Err(error) => return rejected(client_msg_id, error.into()),
+        Err(error) => return Err(rejected(client_msg_id, error.into())),
     };
     let envelopes: Vec<Envelope> = if send.payloads.len() == 1 && send.payloads[0].device_id == 0 {
         let payload = send.payloads[0].payload.clone();
@@ -392,12 +505,12 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
             .collect();
         let current: HashSet<u32> = recipient.device_ids.iter().copied().collect();
         if addressed != current || addressed.len() != send.payloads.len() {
-            return ServerFrame::of(Frame::SendRejected(SendRejected {
+            return Err(ServerFrame::of(Frame::SendRejected(SendRejected {
                 client_msg_id,
                 code: Code::FailedPrecondition as i32,
                 message: "payloads must address each of the recipient's devices once".into(),
                 recipient_device_ids: recipient.device_ids,
-            }));
+            })));
         }
         send.payloads
             .into_iter()
@@ -407,39 +520,12 @@ async fn handle_send(gateway: &Gateway, sender: &DeviceAddress, send: SendMessag
             })
             .collect()
     };
-    let request = AcceptRequest {
+    Ok(AcceptRequest {
         sender: Some(sender.clone()),
-        client_msg_id: client_msg_id.clone(),
+        client_msg_id,
         recipient_user_id: send.recipient_user_id,
         envelopes,
-    };
-    match gateway
-        .messaging
-        .clone()
-        .accept(with_deadline(request))
-        .await
-    {
-        Ok(response) => {
-            let response = response.into_inner();
-            Span::current().record("message_id", response.message_id);
-            ServerFrame::of(Frame::SendAccepted(SendAccepted {
-                client_msg_id,
-                message_id: response.message_id,
-                sent_at_ms: response.sent_at_ms,
-                duplicate: response.duplicate,
-            }))
-        }
-        Err(status) => {
-            let status = match status.code() {
-                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => status,
-                _ => {
-                    tracing::warn!(%status, "messaging accept failed");
-                    Status::unavailable("message not stored, resend with the same client_msg_id")
-                }
-            };
-            rejected(client_msg_id, status)
-        }
-    }
+    })
 }
 
 /// Records receipts with ack, then settles the inbox with messaging.

@@ -25,6 +25,8 @@ use crate::MessagingConfig;
 /// Longest an accept waits for its push to reach the recipient's gateway.
 const PUSH_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Most messages per AcceptBatch.
+const MAX_ACCEPT_BATCH: usize = 256;
 /// Longest client_msg_id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
 /// Largest backlog page.
@@ -113,15 +115,16 @@ impl Inner {
         Ok(sender)
     }
 
-    /// Returns where `user_id`'s devices are connected; empty (and logged) when presence
-    /// cannot say, since the message stays stored for the device's reconnect.
-    async fn locate(&self, user_id: &str) -> Vec<Route> {
+    /// Returns where the devices of `user_ids` are connected; empty (and logged) when
+    /// presence cannot say, since the messages stay stored for the devices' reconnect.
+    async fn locate(&self, user_ids: Vec<String>) -> Vec<Route> {
+        if user_ids.is_empty() {
+            return Vec::new();
+        }
         match self
             .presence
             .clone()
-            .locate(with_deadline(LocateRequest {
-                user_ids: vec![user_id.to_string()],
-            }))
+            .locate(with_deadline(LocateRequest { user_ids }))
             .await
         {
             Ok(response) => response.into_inner().routes,
@@ -130,6 +133,172 @@ impl Inner {
                 Vec::new()
             }
         }
+    }
+
+    /// Accepts consecutive messages of one sender (see `AcceptBatch`): ids are assigned in
+    /// request order; the inbox writes, ack's records and the routing lookup all run at once
+    /// (the inbox's group commit folds the writes into shared commits), so the single ticks
+    /// wait for the slowest write, not for each in turn. Then every message is pushed in
+    /// order, and the answer waits until the pushes reached the recipients' gateways (with
+    /// several messaging replicas the sender's next batch may go through another one, whose
+    /// pushes must not overtake these).
+    ///
+    /// ack must know a message before any receipt for it can arrive, that is before it is
+    /// pushed. A failed inbox write leaves an unknown id recorded with ack, which expires
+    /// with the message TTL.
+    async fn accept_all(
+        &self,
+        requests: Vec<AcceptRequest>,
+    ) -> Vec<Result<AcceptResponse, Status>> {
+        struct Prepared {
+            sender: DeviceAddress,
+            recipient_user_id: String,
+            recipient_device_ids: Vec<u32>,
+            message_id: u64,
+            sent_at_ms: u64,
+        }
+        let sent = |prepared: &Prepared, message_id, sent_at_ms| RecordSentRequest {
+            message_id,
+            sender: Some(prepared.sender.clone()),
+            recipient_user_id: prepared.recipient_user_id.clone(),
+            recipient_device_ids: prepared.recipient_device_ids.clone(),
+            sent_at_ms,
+        };
+        let mut prepared = Vec::with_capacity(requests.len());
+        let mut records = Vec::new();
+        for request in requests {
+            let sender = match self.validate(&request) {
+                Ok(sender) => sender,
+                Err(status) => {
+                    prepared.push(Err(status));
+                    continue;
+                }
+            };
+            tracing::Span::current().record("sender", tracing::field::display(&sender));
+            let message_id = self.ids.next_id();
+            let sent_at_ms = now_ms();
+            let recipient_device_ids = request
+                .envelopes
+                .iter()
+                .map(|envelope| envelope.device_id)
+                .collect();
+            records.push(AcceptRecord {
+                message_id,
+                sender: sender.clone(),
+                client_msg_id: request.client_msg_id,
+                recipient_user_id: request.recipient_user_id.clone(),
+                sent_at_ms,
+                expires_at_ms: sent_at_ms + self.message_ttl_ms,
+                envelopes: request
+                    .envelopes
+                    .into_iter()
+                    .map(|envelope| (envelope.device_id, envelope.payload))
+                    .collect(),
+            });
+            prepared.push(Ok(Prepared {
+                sender,
+                recipient_user_id: request.recipient_user_id,
+                recipient_device_ids,
+                message_id,
+                sent_at_ms,
+            }));
+        }
+        let valid: Vec<&Prepared> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+        let envelopes: Vec<Vec<(u32, bytes::Bytes)>> = records
+            .iter()
+            .map(|record| record.envelopes.clone())
+            .collect();
+        let mut recipients: Vec<String> = valid
+            .iter()
+            .map(|prepared| prepared.recipient_user_id.clone())
+            .collect();
+        recipients.sort_unstable();
+        recipients.dedup();
+        let (outcomes, recorded, routes) = tokio::join!(
+            futures::future::join_all(
+                records
+                    .into_iter()
+                    .map(|record| time_store("inbox.accept", self.inbox.accept(record)))
+            ),
+            futures::future::join_all(valid.iter().map(|prepared| self.record_sent(sent(
+                prepared,
+                prepared.message_id,
+                prepared.sent_at_ms
+            )))),
+            self.locate(recipients)
+        );
+
+        let mut handed_over = Vec::new();
+        let mut accepted = Vec::with_capacity(valid.len());
+        for (((prepared, outcome), mut recorded), envelopes) in
+            valid.iter().zip(outcomes).zip(recorded).zip(envelopes)
+        {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    accepted.push(Err(Status::from(error)));
+                    continue;
+                }
+            };
+            let (message_id, sent_at_ms, duplicate) = match outcome {
+                AcceptOutcome::Stored => {
+                    metrics().messages_accepted.inc();
+                    (prepared.message_id, prepared.sent_at_ms, false)
+                }
+                AcceptOutcome::Duplicate {
+                    message_id,
+                    sent_at_ms,
+                } => {
+                    metrics().messages_duplicate.inc();
+                    // Recorded again under the first id: harmless, and repairs a crash
+                    // between the two writes of the first attempt.
+                    recorded = self
+                        .record_sent(sent(prepared, message_id, sent_at_ms))
+                        .await;
+                    (message_id, sent_at_ms, true)
+                }
+            };
+            if let Err(status) = recorded {
+                tracing::warn!(%status, message_id, "ack unavailable");
+                accepted.push(Err(Status::unavailable(
+                    "ack service unavailable, resend with the same client_msg_id",
+                )));
+                continue;
+            }
+            // A duplicate is pushed again too (devices drop copies by id): the first attempt
+            // may have stored it and died before pushing.
+            let frames: Vec<(u32, ServerFrame)> = envelopes
+                .into_iter()
+                .map(|(device_id, payload)| {
+                    let message = InboundMessage {
+                        message_id,
+                        sender: Some(prepared.sender.clone()),
+                        sent_at_ms,
+                        payload,
+                        recipient_device_id: device_id,
+                    };
+                    (device_id, ServerFrame::of(Frame::Message(message)))
+                })
+                .collect();
+            handed_over.extend(self.push(&routes, &prepared.recipient_user_id, &frames));
+            accepted.push(Ok(AcceptResponse {
+                message_id,
+                sent_at_ms,
+                duplicate,
+            }));
+        }
+        let _ =
+            tokio::time::timeout(PUSH_HANDOVER_WAIT, futures::future::join_all(handed_over)).await;
+        let mut accepted = accepted.into_iter();
+        prepared
+            .into_iter()
+            .map(|prepared| match prepared {
+                Ok(_) => accepted
+                    .next()
+                    .unwrap_or_else(|| Err(Status::internal("accept result missing"))),
+                Err(status) => Err(status),
+            })
+            .collect()
     }
 
     /// Tells ack about an accepted message.
@@ -145,12 +314,18 @@ impl Inner {
     /// receivers that complete when the frames were handed over (or given up).
     fn push(
         &self,
-        routes: Vec<Route>,
+        routes: &[Route],
+        user_id: &str,
         frames: &[(u32, ServerFrame)],
     ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
         let mut handed_over = Vec::new();
         for route in routes {
-            let Some(device) = route.device else { continue };
+            let Some(device) = &route.device else {
+                continue;
+            };
+            if device.user_id != user_id {
+                continue;
+            }
             for (device_id, frame) in frames {
                 if *device_id == device.device_id {
                     handed_over.extend(self.pusher.push_and_notify(
@@ -178,96 +353,55 @@ impl Messaging for MessagingService {
         &self,
         request: Request<AcceptRequest>,
     ) -> Result<Response<AcceptResponse>, Status> {
-        let inner = &self.inner;
-        let request = request.into_inner();
-        let sender = inner.validate(&request)?;
-        tracing::Span::current().record("sender", tracing::field::display(&sender));
-        let message_id = inner.ids.next_id();
-        let sent_at_ms = now_ms();
-        let recipient_device_ids: Vec<u32> = request
-            .envelopes
-            .iter()
-            .map(|envelope| envelope.device_id)
-            .collect();
-        let record = AcceptRecord {
-            message_id,
-            sender: sender.clone(),
-            client_msg_id: request.client_msg_id,
-            recipient_user_id: request.recipient_user_id.clone(),
-            sent_at_ms,
-            expires_at_ms: sent_at_ms + inner.message_ttl_ms,
-            envelopes: request
-                .envelopes
-                .into_iter()
-                .map(|envelope| (envelope.device_id, envelope.payload))
-                .collect(),
-        };
-        let envelopes = record.envelopes.clone();
-        // ack must know the message before any receipt for it can arrive, that is before it
-        // is pushed; it is recorded while the inbox commits, and where the recipient is
-        // connected is asked meanwhile, so the single tick waits for the slower of the two
-        // writes, not their sum. A failed accept leaves an unknown id recorded with ack,
-        // which expires with the message TTL.
-        let sent = |message_id, sent_at_ms| RecordSentRequest {
-            message_id,
-            sender: Some(sender.clone()),
-            recipient_user_id: request.recipient_user_id.clone(),
-            recipient_device_ids: recipient_device_ids.clone(),
-            sent_at_ms,
-        };
-        let (outcome, mut recorded, routes) = tokio::join!(
-            time_store("inbox.accept", inner.inbox.accept(record)),
-            inner.record_sent(sent(message_id, sent_at_ms)),
-            inner.locate(&request.recipient_user_id)
-        );
-        let (message_id, sent_at_ms, duplicate) = match outcome? {
-            AcceptOutcome::Stored => {
-                metrics().messages_accepted.inc();
-                (message_id, sent_at_ms, false)
+        let mut results = self.inner.accept_all(vec![request.into_inner()]).await;
+        match results.pop() {
+            Some(result) => {
+                if let Ok(accepted) = &result {
+                    tracing::Span::current().record("message_id", accepted.message_id);
+                }
+                result.map(Response::new)
             }
-            AcceptOutcome::Duplicate {
-                message_id: first_id,
-                sent_at_ms: first_sent_at_ms,
-            } => {
-                metrics().messages_duplicate.inc();
-                // Recorded again under the first id: harmless, and repairs a crash between
-                // the two writes of the first attempt.
-                recorded = inner.record_sent(sent(first_id, first_sent_at_ms)).await;
-                (first_id, first_sent_at_ms, true)
-            }
-        };
-        tracing::Span::current().record("message_id", message_id);
-        recorded.map_err(|status| {
-            tracing::warn!(%status, message_id, "ack unavailable");
-            Status::unavailable("ack service unavailable, resend with the same client_msg_id")
-        })?;
-        // Pushed before answering, so the sender's next message is pushed after this one. A
-        // duplicate is pushed again too (devices drop copies by id): the first attempt may
-        // have stored it and died before pushing.
-        let frames: Vec<(u32, ServerFrame)> = envelopes
+            None => Err(Status::internal("no accept result")),
+        }
+    }
+
+    #[tracing::instrument(
+        name = "messaging.accept_batch",
+        skip_all,
+        fields(
+            sender = tracing::field::Empty,
+            messages = tracing::field::Empty,
+            first_message_id = tracing::field::Empty
+        )
+    )]
+    async fn accept_batch(
+        &self,
+        request: Request<AcceptBatchRequest>,
+    ) -> Result<Response<AcceptBatchResponse>, Status> {
+        let requests = request.into_inner().requests;
+        if requests.len() > MAX_ACCEPT_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_ACCEPT_BATCH} messages per batch"
+            )));
+        }
+        tracing::Span::current().record("messages", requests.len());
+        let results = self.inner.accept_all(requests).await;
+        if let Some(Ok(first)) = results.iter().find(|result| result.is_ok()) {
+            tracing::Span::current().record("first_message_id", first.message_id);
+        }
+        let results = results
             .into_iter()
-            .map(|(device_id, payload)| {
-                let message = InboundMessage {
-                    message_id,
-                    sender: Some(sender.clone()),
-                    sent_at_ms,
-                    payload,
-                    recipient_device_id: device_id,
-                };
-                (device_id, ServerFrame::of(Frame::Message(message)))
+            .map(|result| AcceptResult {
+                result: Some(match result {
+                    Ok(accepted) => accept_result::Result::Accepted(accepted),
+                    Err(status) => accept_result::Result::Error(AcceptError {
+                        code: status.code() as i32,
+                        message: status.message().to_string(),
+                    }),
+                }),
             })
             .collect();
-        // Answer once the push reached the recipient's gateway (bounded): the sender's
-        // next message may go through another messaging replica, and its push must not
-        // overtake this one. If the gateway is slow or gone, the message is stored anyway.
-        let handed_over = inner.push(routes, &frames);
-        let _ =
-            tokio::time::timeout(PUSH_HANDOVER_WAIT, futures::future::join_all(handed_over)).await;
-        Ok(Response::new(AcceptResponse {
-            message_id,
-            sent_at_ms,
-            duplicate,
-        }))
+        Ok(Response::new(AcceptBatchResponse { results }))
     }
 
     async fn fetch_backlog(
