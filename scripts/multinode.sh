@@ -128,6 +128,11 @@ start_cluster() {
     done
     # Let the balancers' first health probes and the presence warm-up pass.
     sleep $((warm_up / 1000 + 2))
+    local name
+    for name in "${!PIDS[@]}"; do
+        kill -0 "${PIDS[$name]}" 2>/dev/null ||
+            die "${name} exited: $(tail -n 5 "${RUN}/${name}.log" | tr '\n' ' ' | cut -c1-600)"
+    done
     log "multinode: ${count} replica(s) of each service running"
 }
 
@@ -159,13 +164,13 @@ log "multinode: 3 cassandra nodes and seaweedfs up in $((SECONDS - started))s"
 # 1. One replica of each service.
 start_cluster 1
 one="$(drive --mode throughput --seconds "$SECONDS_THROUGHPUT" \
-    --gateways "$(urls 1 7700 1)" --media "$(urls 5 7704 1)" | tee /dev/stderr | grep throughput)"
+    --gateways "$(urls 1 7700 1)" --media "$(urls 5 7704 1)" | tee -a /dev/stderr | grep throughput)"
 stop_services
 
 # 2. Two replicas of each service.
 start_cluster 2
 two="$(drive --mode throughput --seconds "$SECONDS_THROUGHPUT" \
-    --gateways "$(urls 1 7700 2)" --media "$(urls 5 7704 2)" | tee /dev/stderr | grep throughput)"
+    --gateways "$(urls 1 7700 2)" --media "$(urls 5 7704 2)" | tee -a /dev/stderr | grep throughput)"
 
 # 3. Kill one replica of each service and one Cassandra node while traffic runs.
 cql_victim_pid="$(tr -dc '0-9' <"${BLUETICK_ROOT}/.cache/cassandra/run/cassandra-${CQL_NODES[2]}-9042.pid")"

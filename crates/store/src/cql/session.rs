@@ -30,6 +30,9 @@ use crate::{StoreError, StoreResult};
 /// The schema versions, in order: `(version, CQL text)`. Never edit an applied version.
 const SCHEMA_VERSIONS: &[(i32, &str)] = &[(1, include_str!("../../schema/v1.cql"))];
 
+/// How many times the schema set-up is tried before the store fails to open.
+const SCHEMA_ATTEMPTS: u32 = 10;
+
 /// The `schema_version` component this crate records its versions under.
 const SCHEMA_COMPONENT: &str = "bluetick-store";
 
@@ -107,7 +110,22 @@ impl CqlSession {
             in_flight: Semaphore::new(location.max_in_flight),
             location,
         };
-        cql_session.apply_schema().await?;
+        // Several processes may set the schema up at once on a fresh cluster (every service
+        // starts together in Kubernetes): one may see a table another created before every
+        // node knows it. Waiting for schema agreement and trying again settles it.
+        let mut attempt = 1;
+        loop {
+            match cql_session.apply_schema().await {
+                Ok(()) => break,
+                Err(error) if attempt < SCHEMA_ATTEMPTS => {
+                    tracing::warn!(%error, attempt, "setting up the cql schema failed, retrying");
+                    let _ = cql_session.session.await_schema_agreement().await;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         Ok(cql_session)
     }
 
@@ -128,6 +146,7 @@ impl CqlSession {
             self.location.replication_cql()
         ))
         .await?;
+        self.agree().await?;
         self.session
             .use_keyspace(keyspace.as_str(), false)
             .await
@@ -139,6 +158,9 @@ impl CqlSession {
              applied_at_ms bigint, PRIMARY KEY ((component), version))",
         )
         .await?;
+        // An `IF NOT EXISTS` that found the table (created by another process) is no schema
+        // change, so the driver does not wait for agreement on its own.
+        self.agree().await?;
         let read_versions = self
             .prepare(
                 "SELECT version FROM schema_version WHERE component = ?",
@@ -161,12 +183,7 @@ impl CqlSession {
             for statement in schema_statements(text) {
                 self.ddl(&statement).await?;
             }
-            self.session
-                .await_schema_agreement()
-                .await
-                .map_err(|error| {
-                    StoreError::Unavailable(format!("schema agreement not reached: {error}"))
-                })?;
+            self.agree().await?;
             self.execute(
                 &record_version,
                 (
@@ -178,6 +195,17 @@ impl CqlSession {
             .await?;
         }
         Ok(())
+    }
+
+    /// Waits until every node reports the same schema version.
+    async fn agree(&self) -> StoreResult<()> {
+        self.session
+            .await_schema_agreement()
+            .await
+            .map(|_| ())
+            .map_err(|error| {
+                StoreError::Unavailable(format!("schema agreement not reached: {error}"))
+            })
     }
 
     /// Runs a schema statement (DDL takes no bind markers, so it is not prepared).
