@@ -110,7 +110,7 @@ refuse() {
     grep -q "schema" "${work_dir}/refused.log" ||
         { cat "${work_dir}/refused.log" >&2; die "rendering with ${why} failed, but not on the schema"; }
 }
-refuse "two presence replicas" --set presence.replicas=2
+refuse "no presence replica" --set presence.replicas=0
 refuse "presence autoscaling" --set presence.autoscaling.enabled=true
 refuse "a heartbeat that is not a number" --set heartbeatMs=fast
 refuse "an unknown top-level key" --set replicaCount=3
@@ -164,8 +164,8 @@ for path in sys.argv[1:]:
                     errors.append(f"{name}: pods do not get unique node ids from a StatefulSet ordinal")
             if component == "gateway" and "$(POD_IP)" not in env.get("BLUETICK_GATEWAY_ADVERTISE_URL", {}).get("value", ""):
                 errors.append(f"{name}: the gateway does not advertise its pod IP")
-        if component == "presence" and (w["spec"].get("replicas") != 1 or name in hpa_targets):
-            errors.append(f"{name}: presence must run exactly one replica")
+        if component == "presence" and name in hpa_targets:
+            errors.append(f"{name}: presence is autoscaled (every replica does all the work)")
         if "replicas" in w["spec"] and name in hpa_targets:
             errors.append(f"{name}: both a replica count and an autoscaler")
         # Default values: a PDB per workload (ci values files switch some off on purpose).
@@ -177,5 +177,5 @@ for path in sys.argv[1:]:
     if errors:
         sys.exit(f"{path}:\n  " + "\n  ".join(errors))
 PY
-log "rendered workloads have gRPC probes, limits, non-root read-only pods, PDBs, one presence"
+log "rendered workloads have gRPC probes, limits, non-root read-only pods, PDBs, presence not autoscaled"
 log "k8s validation passed"
