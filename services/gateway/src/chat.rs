@@ -40,8 +40,10 @@ use crate::sessions::SessionHandle;
 const MAX_CLIENT_MSG_ID: usize = 64;
 /// Most ids in one Acknowledge or ConfirmReceipts frame.
 const MAX_IDS_PER_FRAME: usize = 1_000;
-/// Most queued sends of one device accepted in one batch (messaging's limit).
-const MAX_SENDS_PER_BATCH: usize = 256;
+/// Most queued sends of one device accepted in one batch. Enough to fold a fast sender's
+/// messages into shared commits; small enough that a batch on a CQL engine (a
+/// lightweight transaction per message) finishes well within its deadline.
+const MAX_SENDS_PER_BATCH: usize = 32;
 /// Frames waiting for the ops worker before the reader stops reading.
 const OPS_QUEUE: usize = 256;
 /// Backlog page size.
@@ -275,9 +277,10 @@ async fn handle_frame(
     }
 }
 
-/// An acknowledgement carries up to 1,000 ids, each a write on the store; on a CQL engine
-/// under load that can outlast the 5 s internal deadline, and a timed-out batch would leave
-/// ticks unrecorded. Such batches get more time.
+/// An acknowledgement carries up to 1,000 ids and an accept batch up to 32 messages, each a
+/// write on the store; on a CQL engine under load that can outlast the 5 s internal
+/// deadline, and a timed-out batch is sent again whole, which only adds load. Such batches
+/// get more time.
 fn with_batch_deadline<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(std::time::Duration::from_secs(60));
@@ -372,7 +375,7 @@ async fn handle_sends(
         let results = match gateway
             .messaging
             .clone()
-            .accept_batch(with_deadline(AcceptBatchRequest { requests }))
+            .accept_batch(with_batch_deadline(AcceptBatchRequest { requests }))
             .instrument(span)
             .await
         {

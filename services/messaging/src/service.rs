@@ -174,7 +174,6 @@ impl Inner {
                     continue;
                 }
             };
-            tracing::Span::current().record("sender", tracing::field::display(&sender));
             let message_id = self.ids.next_id();
             let sent_at_ms = now_ms();
             let recipient_device_ids = request
@@ -204,6 +203,9 @@ impl Inner {
             }));
         }
         let valid: Vec<&Prepared> = prepared.iter().filter_map(|p| p.as_ref().ok()).collect();
+        if let Some(first) = valid.first() {
+            tracing::Span::current().record("sender", tracing::field::display(&first.sender));
+        }
         let envelopes: Vec<Vec<(u32, bytes::Bytes)>> = records
             .iter()
             .map(|record| record.envelopes.clone())
