@@ -20,6 +20,12 @@
 #   SEAWEEDFS_ACCESS_KEY    S3 access key                        [ci-key]
 #   SEAWEEDFS_SECRET_KEY    S3 secret key                        [ci-secret]
 #   SEAWEEDFS_START_TIMEOUT seconds to wait for S3               [90]
+#   SEAWEEDFS_VOLUME_MAX    most volumes the server may create   [100]
+#
+# Every bucket is a SeaweedFS collection with volumes of its own (up to 1 GiB each). Left at
+# 0, `weed mini` caps the volume count at free disk / volume size, which on a CI disk with a
+# few GiB free is less than the tests' buckets need: a write to a new bucket then fails with
+# a 500 InternalError. Volumes are not preallocated, so an explicit cap costs no disk.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -38,6 +44,7 @@ ADMIN_PORT="${SEAWEEDFS_ADMIN_PORT:-23646}"
 ACCESS_KEY="${SEAWEEDFS_ACCESS_KEY:-ci-key}"
 SECRET_KEY="${SEAWEEDFS_SECRET_KEY:-ci-secret}"
 START_TIMEOUT="${SEAWEEDFS_START_TIMEOUT:-90}"
+VOLUME_MAX="${SEAWEEDFS_VOLUME_MAX:-100}"
 
 readonly RUN_DIR="${BLUETICK_ROOT}/.cache/weed-run/s3-${S3_PORT}"
 readonly PIDFILE="${RUN_DIR}/weed.pid"
@@ -116,6 +123,7 @@ cmd_start() {
             -master.port="$MASTER_PORT" -master.port.grpc=$((MASTER_PORT + 10000)) \
             -master.telemetry=false \
             -volume.port="$VOLUME_PORT" -volume.port.grpc=$((VOLUME_PORT + 10000)) \
+            -volume.max="$VOLUME_MAX" \
             -filer.port="$FILER_PORT" -filer.port.grpc=$((FILER_PORT + 10000)) \
             -filer.localSocket="${RUN_DIR}/filer.sock" \
             -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 10000)) \
