@@ -21,7 +21,7 @@ export CARGO
 
 # The phases of `make test`, in order; each is a target below. Later suites (storage
 # engines, S3, manifests) are appended here.
-TEST_PHASES ?= fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines
+TEST_PHASES ?= fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-multinode
 
 .PHONY: build fmt lint test-fast test-python grpcurl-walkthrough k8s-validate test-engines test-multinode test-minio tools test run clean-data bench bench-idle-100k
 

@@ -4,11 +4,11 @@
 //! acknowledged messages lost, duplicates displayed, per-sender order (accept order), and
 //! the throughput of single ticks.
 //!
-//! ```text
-//! bluetick-multinode --gateways URL[,URL] --media URL[,URL] [--users 8] [--rate 10]
-//!     [--seconds 40] [--mode kill|throughput] [--kill-every 6] [--kill NAME=PID]...
-//! ```
-//! Exits 1 when a message was lost, shown twice or out of order.
+//! Each user keeps at most `--window` sends awaiting their single tick. After the send
+//! window the driver waits until every send was answered and every acknowledged message
+//! was shown, so a message still on its way is never counted as lost; `--help` lists the
+//! flags. Exits 1 when a message was lost, shown twice or out of order, or when sends are
+//! still unanswered after `--drain-seconds`.
 
 #![allow(clippy::print_stdout)]
 
@@ -17,66 +17,66 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bluetick_client::{BluetickClient, ChatConfig, ChatEvent, Content, register};
+use bluetick_client::proto::gateway::v1::DevicePayload;
+use bluetick_client::{
+    BluetickClient, ChatConfig, ChatEvent, Content, new_client_msg_id, register,
+};
+use clap::Parser;
+use tokio::sync::Semaphore;
 
-/// Command-line settings.
-#[derive(Debug)]
+/// Drives chat traffic through the gateways of a scaled-out cluster and checks the counts.
+#[derive(Debug, Parser)]
+#[command(name = "bluetick-multinode")]
 struct Settings {
+    /// Gateway URLs, comma-separated (the SDK spreads users over them and fails over).
+    #[arg(long)]
     gateways: String,
+    /// Media URLs, comma-separated (default: the gateways).
+    #[arg(long, default_value = "")]
     media: String,
-    users: usize,
+    /// Users; user i sends to user i+1.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..))]
+    users: u64,
+    /// Messages per second per user in kill mode.
+    #[arg(long = "rate", default_value_t = 10)]
     rate_per_user: u64,
+    /// Length of the send window.
+    #[arg(long, default_value_t = 40)]
     seconds: u64,
-    throughput: bool,
+    /// `throughput`: send as fast as the window allows; `kill`: paced, with kills.
+    #[arg(long, value_enum, default_value_t = Mode::Kill)]
+    mode: Mode,
+    /// Seconds between kills.
+    #[arg(long, default_value_t = 6)]
     kill_every: u64,
+    /// A process to SIGKILL, as NAME=PID; repeat, killed in the order given.
+    #[arg(long = "kill", value_parser = parse_kill)]
     kills: Vec<(String, String)>,
+    /// Sends per user awaiting their single tick at most.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Longest wait after the send window for every send to be answered and every
+    /// acknowledged message to arrive.
+    #[arg(long, default_value_t = 180)]
+    drain_seconds: u64,
 }
 
-fn parse_settings() -> anyhow::Result<Settings> {
-    let mut settings = Settings {
-        gateways: String::new(),
-        media: String::new(),
-        users: 8,
-        rate_per_user: 10,
-        seconds: 40,
-        throughput: false,
-        kill_every: 6,
-        kills: Vec::new(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--gateways" => settings.gateways = value,
-            "--media" => settings.media = value,
-            "--users" => settings.users = value.parse()?,
-            "--rate" => settings.rate_per_user = value.parse()?,
-            "--seconds" => settings.seconds = value.parse()?,
-            "--mode" => settings.throughput = value == "throughput",
-            "--kill-every" => settings.kill_every = value.parse()?,
-            "--kill" => {
-                let (name, pid) = value.split_once('=').context("--kill NAME=PID")?;
-                settings.kills.push((name.to_string(), pid.to_string()));
-            }
-            other => bail!("unknown flag {other}"),
-        }
-    }
-    if settings.gateways.is_empty() || settings.users < 2 {
-        bail!("--gateways is required and --users must be at least 2");
-    }
-    if settings.media.is_empty() {
-        settings.media = settings.gateways.clone();
-    }
-    Ok(settings)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Kill,
+    Throughput,
+}
+
+fn parse_kill(value: &str) -> Result<(String, String), String> {
+    let (name, pid) = value.split_once('=').ok_or("expected NAME=PID")?;
+    Ok((name.to_string(), pid.to_string()))
 }
 
 /// What one user's device saw.
 #[derive(Debug, Default)]
 struct UserLog {
-    /// client_msg_id → sequence number of the text, for this user's sends.
-    sent_seq: HashMap<String, u64>,
+    /// client_msg_ids of this user's sends not answered yet (no single tick, no failure).
+    outstanding: HashSet<String>,
     /// message_id → position in this sender's accept order (first single tick).
     accept_index: HashMap<u64, usize>,
     /// Sends that failed for good (not acknowledged, so not owed).
@@ -104,14 +104,21 @@ async fn tracing_free_pause(error: &bluetick_client::ClientError) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = parse_settings()?;
+    let mut settings = Settings::parse();
+    if settings.media.is_empty() {
+        settings.media = settings.gateways.clone();
+    }
+    let users = settings.users as usize;
     let run = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let names: Vec<String> = (0..settings.users)
-        .map(|i| format!("mn{run}u{i}"))
-        .collect();
+    let names: Vec<String> = (0..users).map(|i| format!("mn{run}u{i}")).collect();
     let mut chats = Vec::new();
-    let logs: Vec<Arc<Mutex<UserLog>>> = (0..settings.users)
+    let logs: Vec<Arc<Mutex<UserLog>>> = (0..users)
         .map(|_| Arc::new(Mutex::new(UserLog::default())))
+        .collect();
+    // Per user, the sends that may await their single tick: bounded so that a fast sender
+    // measures the cluster's rate instead of queueing thousands of sends in its SDK.
+    let windows: Vec<Arc<Semaphore>> = (0..users)
+        .map(|_| Arc::new(Semaphore::new(settings.window)))
         .collect();
     for (index, name) in names.iter().enumerate() {
         // The SDK spreads users over the gateways in the list and fails over across it.
@@ -130,10 +137,12 @@ async fn main() -> anyhow::Result<()> {
         let client = BluetickClient::new(credentials)?;
         let config = ChatConfig {
             unavailable_send_retries: 20,
+            max_in_flight_sends: settings.window,
             ..ChatConfig::default()
         };
         let (chat, mut events) = client.open_chat(config).await?;
         let log = logs[index].clone();
+        let window = windows[index].clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
                 let mut log = log.lock().unwrap_or_else(|poison| poison.into_inner());
@@ -143,11 +152,23 @@ async fn main() -> anyhow::Result<()> {
                             log.shown.push((sender, seq, message.message_id));
                         }
                     }
-                    ChatEvent::Sent { message_id, .. } => {
+                    ChatEvent::Sent {
+                        message_id,
+                        client_msg_id,
+                        ..
+                    } => {
                         let next = log.accept_index.len();
                         log.accept_index.entry(message_id).or_insert(next);
+                        if log.outstanding.remove(&client_msg_id) {
+                            window.add_permits(1);
+                        }
                     }
-                    ChatEvent::SendFailed { .. } => log.send_failed += 1,
+                    ChatEvent::SendFailed { client_msg_id, .. } => {
+                        log.send_failed += 1;
+                        if log.outstanding.remove(&client_msg_id) {
+                            window.add_permits(1);
+                        }
+                    }
                     ChatEvent::Connected { reconnects, .. } => log.reconnects = reconnects.into(),
                     ChatEvent::Closed { .. } => return,
                     _ => {}
@@ -157,8 +178,8 @@ async fn main() -> anyhow::Result<()> {
         chats.push(chat);
     }
     println!(
-        "multinode: {} users registered and connected over {}",
-        settings.users, settings.gateways
+        "multinode: {users} users registered and connected over {}",
+        settings.gateways
     );
 
     let started = Instant::now();
@@ -168,7 +189,8 @@ async fn main() -> anyhow::Result<()> {
         let chat = chat.clone();
         let recipient = names[(index + 1) % names.len()].clone();
         let log = logs[index].clone();
-        let paced = !settings.throughput;
+        let window = windows[index].clone();
+        let paced = settings.mode == Mode::Kill;
         let period = Duration::from_millis(1000 / settings.rate_per_user.max(1));
         senders.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -177,19 +199,34 @@ async fn main() -> anyhow::Result<()> {
                 if paced {
                     tick.tick().await;
                 }
-                let text = Content::text(format!("{index}:{seq}"));
-                match chat.send_content(&recipient, &text).await {
-                    Ok(client_msg_id) => {
-                        log.lock()
-                            .unwrap_or_else(|poison| poison.into_inner())
-                            .sent_seq
-                            .insert(client_msg_id, seq);
-                    }
-                    Err(error) => {
-                        println!("multinode: send failed: {error}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
+                // Given back by the event task when the send is answered.
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout_at(deadline.into(), window.acquire()).await
+                else {
+                    break;
+                };
+                permit.forget();
+                let client_msg_id = new_client_msg_id();
+                log.lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .outstanding
+                    .insert(client_msg_id.clone());
+                let payload = DevicePayload {
+                    device_id: 0,
+                    payload: Content::text(format!("{index}:{seq}")).encode(),
+                };
+                if let Err(error) = chat
+                    .send_with_id(client_msg_id.clone(), &recipient, vec![payload])
+                    .await
+                {
+                    println!("multinode: send failed: {error}");
+                    log.lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .outstanding
+                        .remove(&client_msg_id);
+                    window.add_permits(1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
                 seq += 1;
             }
@@ -224,42 +261,55 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|log| log.lock().map(|log| log.accept_index.len()).unwrap_or(0))
         .sum();
-    if settings.throughput {
+    if settings.mode == Mode::Throughput {
         println!(
-            "multinode: throughput {:.0} single ticks/s ({acknowledged_in_window} in {:.1}s, {} senders)",
+            "multinode: throughput {:.0} single ticks/s ({acknowledged_in_window} in {:.1}s, {users} senders, window {})",
             acknowledged_in_window as f64 / send_window.as_secs_f64(),
             send_window.as_secs_f64(),
-            settings.users
+            settings.window
         );
     }
     killer.abort();
 
-    // Wait until every acknowledged message reached its recipient (or give up).
-    let owed = |logs: &[Arc<Mutex<UserLog>>]| -> (usize, usize) {
-        let mut acknowledged = 0;
-        let mut missing = 0;
+    // Wait until every send was answered and every acknowledged message reached its
+    // recipient. Only then is "acknowledged but not shown" a loss rather than a message on
+    // its way.
+    let tally = |logs: &[Arc<Mutex<UserLog>>]| -> Tally {
+        let mut tally = Tally::default();
         for (index, log) in logs.iter().enumerate() {
-            let sender_ids: Vec<u64> = log
+            let (sender_ids, unanswered) = log
                 .lock()
-                .map(|log| log.accept_index.keys().copied().collect())
+                .map(|log| {
+                    (
+                        log.accept_index.keys().copied().collect::<Vec<u64>>(),
+                        log.outstanding.len(),
+                    )
+                })
                 .unwrap_or_default();
             let recipient = &logs[(index + 1) % logs.len()];
             let shown: HashSet<u64> = recipient
                 .lock()
                 .map(|log| log.shown.iter().map(|(_, _, id)| *id).collect())
                 .unwrap_or_default();
-            acknowledged += sender_ids.len();
-            missing += sender_ids.iter().filter(|id| !shown.contains(id)).count();
+            tally.acknowledged += sender_ids.len();
+            tally.unanswered += unanswered;
+            tally.missing += sender_ids.iter().filter(|id| !shown.contains(id)).count();
         }
-        (acknowledged, missing)
+        tally
     };
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
-    while owed(&logs).1 > 0 && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let drain_started = Instant::now();
+    let drain_deadline = drain_started + Duration::from_secs(settings.drain_seconds);
+    while !tally(&logs).settled() && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let drained_in = drain_started.elapsed();
     // Anything still arriving late would be a duplicate: give it a moment.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (acknowledged, lost) = owed(&logs);
+    let Tally {
+        acknowledged,
+        missing: lost,
+        unanswered,
+    } = tally(&logs);
 
     let mut duplicates = 0;
     let mut order_violations = 0;
@@ -301,15 +351,39 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "multinode: acknowledged={acknowledged} shown={shown_total} lost={lost} duplicates={duplicates} \
          order_violations={order_violations} (accept order; send-order inversions after resends: \
-         {send_order_inversions}) failed_sends={send_failed} reconnects={reconnects} \
-         send_window={:.1}s",
-        send_window.as_secs_f64()
+         {send_order_inversions}) unanswered={unanswered} failed_sends={send_failed} \
+         reconnects={reconnects} send_window={:.1}s drained_in={:.1}s",
+        send_window.as_secs_f64(),
+        drained_in.as_secs_f64()
     );
     for chat in &chats {
         let _ = tokio::time::timeout(Duration::from_secs(2), chat.close()).await;
+    }
+    if unanswered > 0 {
+        bail!(
+            "multinode: {unanswered} sends still had no answer {}s after the send window",
+            settings.drain_seconds
+        );
     }
     if lost > 0 || duplicates > 0 || order_violations > 0 {
         bail!("multinode: lost, duplicated or reordered messages");
     }
     Ok(())
+}
+
+/// Counts at one instant of the drain.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Single ticks received.
+    acknowledged: usize,
+    /// Acknowledged messages their recipient has not shown.
+    missing: usize,
+    /// Sends with neither a single tick nor a failure yet.
+    unanswered: usize,
+}
+
+impl Tally {
+    fn settled(&self) -> bool {
+        self.missing == 0 && self.unanswered == 0
+    }
 }
