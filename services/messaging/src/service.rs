@@ -136,10 +136,10 @@ impl Inner {
     }
 
     /// Accepts consecutive messages of one sender (see `AcceptBatch`): ids are assigned in
-    /// request order; the inbox writes, ack's records and the routing lookup all run at once
-    /// (the inbox's group commit folds the writes into shared commits), so the single ticks
-    /// wait for the slowest write, not for each in turn. Then every message is pushed in
-    /// order, and the answer waits until the pushes reached the recipients' gateways (with
+    /// request order; the inbox writes and ack's records all run at once (the inbox's group
+    /// commit folds the writes into shared commits), so the single ticks wait for the
+    /// slowest write, not for each in turn. Then the recipients are located (after the
+    /// writes, see below) and every message is pushed in order, and the answer waits until the pushes reached the recipients' gateways (with
     /// several messaging replicas the sender's next batch may go through another one, whose
     /// pushes must not overtake these).
     ///
@@ -216,7 +216,7 @@ impl Inner {
             .collect();
         recipients.sort_unstable();
         recipients.dedup();
-        let (outcomes, recorded, routes) = tokio::join!(
+        let (outcomes, recorded) = tokio::join!(
             futures::future::join_all(
                 records
                     .into_iter()
@@ -227,8 +227,13 @@ impl Inner {
                 prepared.message_id,
                 prepared.sent_at_ms
             )))),
-            self.locate(recipients)
         );
+        // Only now, with the messages stored, ask where the recipients are. A device that
+        // reconnects attaches with presence before it reads its backlog: either this lookup
+        // sees the new route, or the attach came later and the backlog read finds the
+        // messages. Looked up concurrently with the writes, a reconnect between the two
+        // could miss both, leaving the messages stored but unseen until the next reconnect.
+        let routes = self.locate(recipients).await;
 
         let mut handed_over = Vec::new();
         let mut accepted = Vec::with_capacity(valid.len());
