@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -141,6 +142,9 @@ fn parse_target(setting: &str) -> Result<Target, ChannelError> {
 #[derive(Clone, Debug)]
 pub struct InternalChannel {
     channel: Channel,
+    /// The peer's URL when the setting names exactly one: calls to it go in-process when a
+    /// server of this process registered it (see [`crate::local`]).
+    single_url_opt: Option<Arc<str>>,
     /// URLs of the peers that answered their last probe (serving or not); for calls that
     /// must reach every instance.
     reachable: watch::Receiver<Vec<String>>,
@@ -165,8 +169,12 @@ pub fn internal_channel(setting: &str) -> Result<InternalChannel, ChannelError> 
     match parse_target(setting)? {
         Target::Single(url) => {
             let channel = lazy_channel(&url)?;
-            let (_keep, reachable) = watch::channel(vec![url]);
-            Ok(InternalChannel { channel, reachable })
+            let (_keep, reachable) = watch::channel(vec![url.clone()]);
+            Ok(InternalChannel {
+                channel,
+                single_url_opt: Some(url.into()),
+                reachable,
+            })
         }
         target => {
             if let Target::Static(urls) = &target {
@@ -177,7 +185,11 @@ pub fn internal_channel(setting: &str) -> Result<InternalChannel, ChannelError> 
             let (channel, changes) = Channel::balance_channel::<String>(64);
             let (reachable_sender, reachable) = watch::channel(Vec::new());
             tokio::spawn(run_resolver(target, changes, reachable_sender));
-            Ok(InternalChannel { channel, reachable })
+            Ok(InternalChannel {
+                channel,
+                single_url_opt: None,
+                reachable,
+            })
         }
     }
 }
@@ -337,6 +349,13 @@ impl Service<http::Request<Body>> for InternalChannel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if let Some(local) = self
+            .single_url_opt
+            .as_deref()
+            .and_then(crate::local::lookup)
+        {
+            return Box::pin(async move { Ok(crate::local::call(local, request).await) });
+        }
         let channel = self.channel.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();

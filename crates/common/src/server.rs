@@ -80,6 +80,18 @@ pub async fn serve(
         .add_service(reflection_v1.build_v1()?)
         .add_service(reflection_v1alpha.build_v1alpha()?);
 
+    // In-process callers (see `crate::local`) get the same stack the listener serves.
+    let local_url = if crate::local::enabled() {
+        let url = format!("http://{}", listener.local_addr()?);
+        let stack = tower::ServiceBuilder::new()
+            .layer(crate::trace::ServerTraceLayer)
+            .service(routes.clone());
+        crate::local::register(url.clone(), tower::util::BoxCloneSyncService::new(stack));
+        Some(url)
+    } else {
+        None
+    };
+
     let incoming = TcpListenerStream::new(listener).map(|stream_result| {
         stream_result.inspect(|stream| {
             let _ = stream.set_nodelay(true);
@@ -88,6 +100,9 @@ pub async fn serve(
     let names = spec.service_names.clone();
     let on_shutdown = async move {
         shutdown.cancelled().await;
+        if let Some(url) = &local_url {
+            crate::local::unregister(url);
+        }
         for name in &names {
             health_reporter
                 .set_service_status(*name, ServingStatus::NotServing)

@@ -2,7 +2,10 @@
 //! cluster the end-to-end tests start.
 //!
 //! Each service gets its own gRPC server on its own loopback port, running exactly the
-//! `serve` its standalone binary runs; they talk to each other over real gRPC. Data lives
+//! `serve` its standalone binary runs. They call each other through the same gRPC stacks
+//! in-process (`bluetick_common::local`: encoded, routed, traced and decoded as over the
+//! network, without HTTP/2 framing and sockets), unless `in_process_calls` is off; clients
+//! and grpcurl reach every server over TCP as usual. Data lives
 //! in one directory: `<data>/gateway`, `<data>/messaging`, `<data>/ack`, `<data>/presence`
 //! (embedded stores) and `<data>/media` (blobs).
 
@@ -45,6 +48,8 @@ pub struct DevConfig {
     /// Serve Prometheus metrics of every service on this port (`/metrics`); 0 picks a free
     /// one; `None` (the default) serves none.
     pub metrics_port: Option<u16>,
+    /// Services call each other in-process rather than over loopback TCP (default true).
+    pub in_process_calls: bool,
 }
 
 /// The port of each server.
@@ -94,6 +99,7 @@ impl DevConfig {
             store_url: None,
             media_url: None,
             metrics_port: None,
+            in_process_calls: true,
         }
     }
 }
@@ -139,6 +145,9 @@ impl DevCluster {
     pub async fn start(config: DevConfig) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+        if config.in_process_calls {
+            bluetick_common::local::enable();
+        }
         let host = config.host.as_str();
         let (gateway_listener, gateway_addr) = bind(host, config.ports.gateway).await?;
         let (internal_listener, internal_addr) = bind(host, config.ports.gateway_internal).await?;

@@ -7,6 +7,9 @@ use anyhow::Context;
 use bluetick_dev::{DevCluster, DevConfig, Ports};
 use clap::Parser;
 
+#[global_allocator]
+static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
+
 /// Runs gateway, messaging, ack, presence and media in one process on loopback.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -65,6 +68,10 @@ struct Args {
     /// unset; 0 picks a free port, see --endpoints-file).
     #[arg(long, env = "BLUETICK_METRICS_PORT")]
     metrics_port: Option<u16>,
+    /// Internal calls between the services go over loopback TCP (HTTP/2) like between
+    /// separate processes, instead of in-process through the same gRPC stacks.
+    #[arg(long, env = "BLUETICK_INTERNAL_OVER_TCP")]
+    internal_over_tcp: bool,
 }
 
 #[tokio::main]
@@ -95,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
     config.store_url = args.store.filter(|url| !url.is_empty());
     config.media_url = args.media.filter(|url| !url.is_empty());
     config.metrics_port = args.metrics_port;
+    config.in_process_calls = !args.internal_over_tcp;
     let mut cluster = DevCluster::start(config).await?;
     cluster.wait_ready(Duration::from_secs(180)).await?;
     let endpoints = &cluster.endpoints;
