@@ -30,8 +30,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("bluetick_descriptor.bin"),
         descriptor_set.encode_to_vec(),
     )?;
+    // Chat frames and internal calls are small: they use a codec whose buffers start at
+    // 1 KiB instead of tonic's 8 KiB per direction and call (see `codec.rs`). Media moves
+    // large chunks and keeps tonic's default.
+    let (media, small): (Vec<&str>, Vec<&str>) =
+        files.iter().partition(|file| file.starts_with("bluetick/media/"));
     tonic_prost_build::configure()
         .bytes(".")
-        .compile_fds(descriptor_set)?;
+        .codec_path("crate::codec::SmallBufferCodec")
+        .compile_fds(protox::compile(small, [&proto_root])?)?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_fds(protox::compile(media, [&proto_root])?)?;
     Ok(())
 }

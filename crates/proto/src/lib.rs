@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+pub mod codec;
+
 /// Generated code for `bluetick.common.v1`.
 pub mod common {
     pub mod v1 {
