@@ -33,8 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Chat frames and internal calls are small: they use a codec whose buffers start at
     // 1 KiB instead of tonic's 8 KiB per direction and call (see `codec.rs`). Media moves
     // large chunks and keeps tonic's default.
-    let (media, small): (Vec<&str>, Vec<&str>) =
-        files.iter().partition(|file| file.starts_with("bluetick/media/"));
+    let (media, small): (Vec<&str>, Vec<&str>) = files
+        .iter()
+        .partition(|file| file.starts_with("bluetick/media/"));
     tonic_prost_build::configure()
         .bytes(".")
         .codec_path("crate::codec::SmallBufferCodec")

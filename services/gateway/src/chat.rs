@@ -148,8 +148,7 @@ async fn run_session(
         return;
     }
 
-    let (ops, ops_rx) = mpsc::channel(OPS_QUEUE);
-    let worker = tokio::spawn(run_ops(gateway.clone(), handle.clone(), ops_rx));
+    let mut ops = OpsLane::default();
     let sync = tokio::spawn(sync_backlog(gateway.clone(), handle.clone()));
     let mut watch: Option<tokio::task::JoinHandle<()>> = None;
 
@@ -171,7 +170,8 @@ async fn run_session(
             frame = inbound.message() => match frame {
                 Ok(Some(frame)) => {
                     handle.touch();
-                    if !handle_frame(&gateway, &handle, frame, &ops, &mut watch).await {
+                    // Boxed: the session's own future stays small while it waits.
+                    if !Box::pin(handle_frame(&gateway, &handle, frame, &mut ops, &mut watch)).await {
                         break;
                     }
                 }
@@ -184,13 +184,15 @@ async fn run_session(
         }
     }
 
-    drop(ops);
+    let worker_opt = ops.close();
     sync.abort();
     if let Some(watch) = watch {
         watch.abort();
     }
     // Let queued sends finish unless the session was cut.
-    let _ = worker.await;
+    if let Some(worker) = worker_opt {
+        let _ = worker.await;
+    }
     gateway.sessions.remove(&device, handle.session_id);
     let detach = DetachRequest {
         device: Some(device.clone()),
@@ -216,7 +218,7 @@ async fn handle_frame(
     gateway: &Arc<Gateway>,
     handle: &Arc<SessionHandle>,
     frame: ClientFrame,
-    ops: &mpsc::Sender<Op>,
+    ops: &mut OpsLane,
     watch: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> bool {
     let op = match frame.frame {
@@ -271,9 +273,34 @@ async fn handle_frame(
             return true;
         }
     };
+    let ops = ops.sender(gateway, handle);
     tokio::select! {
         _ = handle.cancel.cancelled() => false,
         sent = ops.send(op) => sent.is_ok(),
+    }
+}
+
+/// The queue from a session's reader to its ops worker, started with the first op: most
+/// connected devices sit idle, and an idle device then holds neither the worker task nor
+/// its queue.
+#[derive(Default)]
+struct OpsLane {
+    started_opt: Option<(mpsc::Sender<Op>, tokio::task::JoinHandle<()>)>,
+}
+
+impl OpsLane {
+    fn sender(&mut self, gateway: &Arc<Gateway>, handle: &Arc<SessionHandle>) -> &mpsc::Sender<Op> {
+        let (sender, _) = self.started_opt.get_or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(OPS_QUEUE);
+            let worker = tokio::spawn(run_ops(gateway.clone(), handle.clone(), receiver));
+            (sender, worker)
+        });
+        sender
+    }
+
+    /// Closes the queue; returns the worker, which finishes what was queued.
+    fn close(self) -> Option<tokio::task::JoinHandle<()>> {
+        self.started_opt.map(|(_, worker)| worker)
     }
 }
 
