@@ -46,9 +46,6 @@ mod procfs;
 
 use procfs::self_cpu_seconds as cpu_seconds;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {

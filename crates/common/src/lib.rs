@@ -28,12 +28,3 @@ pub fn now_ms() -> u64 {
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
 }
-
-/// The global allocator every bluetick binary installs: glibc's malloc took about a quarter
-/// of the server's CPU samples under load (see BENCHMARKS.md).
-///
-/// ```ignore
-/// #[global_allocator]
-/// static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-/// ```
-pub use mimalloc::MiMalloc as Allocator;

@@ -7,9 +7,6 @@ use anyhow::Context;
 use bluetick_dev::{DevCluster, DevConfig, Ports};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// Runs gateway, messaging, ack, presence and media in one process on loopback.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -3,9 +3,6 @@
 use bluetick_ack::{AckConfig, serve};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// The bluetick ack service.
 #[derive(Debug, Parser)]
 #[command(version, about)]

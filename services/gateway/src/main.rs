@@ -5,9 +5,6 @@ use std::time::Duration;
 use bluetick_gateway::{GatewayConfig, serve};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// The bluetick gateway: clients' chat streams, accounts and keys.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -7,9 +7,6 @@ use bluetick_common::telemetry::{init_tracing, shutdown_on_signals};
 use bluetick_media::{DEFAULT_MAX_UPLOAD_BYTES, MediaConfig, SHUTDOWN_GRACE, serve};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// bluetick media: content-addressed blobs over gRPC and plain HTTP on one port.
 #[derive(Debug, Parser)]
 #[command(version)]

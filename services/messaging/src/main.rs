@@ -5,9 +5,6 @@ use std::time::Duration;
 use bluetick_messaging::{MessagingConfig, serve};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// The bluetick messaging service.
 #[derive(Debug, Parser)]
 #[command(version, about)]

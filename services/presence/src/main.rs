@@ -5,9 +5,6 @@ use std::time::Duration;
 use bluetick_presence::{PresenceConfig, serve};
 use clap::Parser;
 
-#[global_allocator]
-static ALLOCATOR: bluetick_common::Allocator = bluetick_common::Allocator;
-
 /// The bluetick presence service.
 #[derive(Debug, Parser)]
 #[command(version, about)]
