@@ -37,12 +37,31 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Registers `service` under `url`, replacing an earlier registration.
-pub(crate) fn register(url: String, service: LocalService) {
-    SERVICES
-        .write()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .insert(url, service);
+/// A server's registration; dropping it unregisters the URL.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    url: String,
+}
+
+impl Registration {
+    /// Registers `service` under `url`, replacing an earlier registration.
+    pub(crate) fn new(url: String, service: LocalService) -> Self {
+        SERVICES
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(url.clone(), service);
+        Self { url }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        unregister(&self.url);
+    }
 }
 
 /// Removes the registration of `url`.

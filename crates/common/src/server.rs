@@ -81,16 +81,23 @@ pub async fn serve(
         .add_service(reflection_v1alpha.build_v1alpha()?);
 
     // In-process callers (see `crate::local`) get the same stack the listener serves.
-    let local_url = if crate::local::enabled() {
+    // Unregistered when this future ends or is dropped (a runtime shutting down drops it
+    // without a shutdown signal), so the registry never keeps a server's stores alive.
+    let registration_opt = if crate::local::enabled() {
         let url = format!("http://{}", listener.local_addr()?);
         let stack = tower::ServiceBuilder::new()
             .layer(crate::trace::ServerTraceLayer)
             .service(routes.clone());
-        crate::local::register(url.clone(), tower::util::BoxCloneSyncService::new(stack));
-        Some(url)
+        Some(crate::local::Registration::new(
+            url,
+            tower::util::BoxCloneSyncService::new(stack),
+        ))
     } else {
         None
     };
+    let local_url = registration_opt
+        .as_ref()
+        .map(|registration| registration.url().to_string());
 
     let incoming = TcpListenerStream::new(listener).map(|stream_result| {
         stream_result.inspect(|stream| {
