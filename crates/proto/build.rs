@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use prost::Message;
+use tonic_prost_build::FileDescriptorSet;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time: a build-script binary reused from a checkout at another path must
@@ -33,15 +34,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Chat frames and internal calls are small: they use a codec whose buffers start at
     // 1 KiB instead of tonic's 8 KiB per direction and call (see `codec.rs`). Media moves
     // large chunks and keeps tonic's default.
-    let (media, small): (Vec<&str>, Vec<&str>) = files
-        .iter()
-        .partition(|file| file.starts_with("bluetick/media/"));
+    // media.proto imports nothing, so the compiled set splits cleanly by file.
+    let (media, small): (Vec<_>, Vec<_>) = descriptor_set
+        .file
+        .into_iter()
+        .partition(|file| file.name().starts_with("bluetick/media/"));
     tonic_prost_build::configure()
         .bytes(".")
         .codec_path("crate::codec::SmallBufferCodec")
-        .compile_fds(protox::compile(small, [&proto_root])?)?;
+        .compile_fds(FileDescriptorSet { file: small })?;
     tonic_prost_build::configure()
         .bytes(".")
-        .compile_fds(protox::compile(media, [&proto_root])?)?;
+        .compile_fds(FileDescriptorSet { file: media })?;
     Ok(())
 }

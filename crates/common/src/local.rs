@@ -8,7 +8,8 @@
 //! decoded exactly as over the network, but no HTTP/2 framing, socket or extra task is
 //! involved. Deadlines set with `grpc-timeout` are enforced here, as tonic's server would.
 //!
-//! A URL is unregistered when its server shuts down, so later calls go over TCP (and find
+//! A URL is unregistered when its server begins to shut down (or its server future is
+//! dropped), so later calls go over TCP (and find
 //! the server gone) like any other caller's. Balanced settings (comma lists, `dns://`) and
 //! processes that never call [`enable`] (every standalone service binary) always use TCP.
 
@@ -52,24 +53,15 @@ impl Registration {
             .insert(url.clone(), service);
         Self { url }
     }
-
-    pub(crate) fn url(&self) -> &str {
-        &self.url
-    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        unregister(&self.url);
+        SERVICES
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&self.url);
     }
-}
-
-/// Removes the registration of `url`.
-pub(crate) fn unregister(url: &str) {
-    SERVICES
-        .write()
-        .unwrap_or_else(|poison| poison.into_inner())
-        .remove(url);
 }
 
 /// Returns the service registered under `url`, if in-process calls are enabled.
@@ -87,29 +79,26 @@ pub(crate) fn lookup(url: &str) -> Option<LocalService> {
 /// Calls `service` with `request`, answering DEADLINE_EXCEEDED when the request's
 /// `grpc-timeout` passes first.
 pub(crate) async fn call(
-    mut service: LocalService,
+    service: LocalService,
     request: http::Request<Body>,
 ) -> http::Response<Body> {
-    use tower::{Service, ServiceExt};
+    use tower::ServiceExt;
     let timeout = request
         .headers()
         .get("grpc-timeout")
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout);
     let response = async {
-        match service.ready().await {
-            Ok(service) => service.call(request).await,
+        match service.oneshot(request).await {
+            Ok(response) => response,
             Err(never) => match never {},
         }
     };
-    let result = match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, response).await.ok(),
-        None => Some(response.await),
-    };
-    match result {
-        Some(Ok(response)) => response,
-        Some(Err(never)) => match never {},
-        None => tonic::Status::deadline_exceeded("deadline exceeded").into_http(),
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, response)
+            .await
+            .unwrap_or_else(|_| tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
+        None => response.await,
     }
 }
 

@@ -80,9 +80,10 @@ pub async fn serve(
         .add_service(reflection_v1.build_v1()?)
         .add_service(reflection_v1alpha.build_v1alpha()?);
 
-    // In-process callers (see `crate::local`) get the same stack the listener serves.
-    // Unregistered when this future ends or is dropped (a runtime shutting down drops it
-    // without a shutdown signal), so the registry never keeps a server's stores alive.
+    // In-process callers (see `crate::local`) get the same stack the listener serves. The
+    // registration lives in the shutdown future below: it ends when shutdown begins, or when
+    // the server future is dropped without a shutdown (a test's runtime ending), so the
+    // registry never keeps a server's stores alive.
     let registration_opt = if crate::local::enabled() {
         let url = format!("http://{}", listener.local_addr()?);
         let stack = tower::ServiceBuilder::new()
@@ -95,9 +96,6 @@ pub async fn serve(
     } else {
         None
     };
-    let local_url = registration_opt
-        .as_ref()
-        .map(|registration| registration.url().to_string());
 
     let incoming = TcpListenerStream::new(listener).map(|stream_result| {
         stream_result.inspect(|stream| {
@@ -107,9 +105,7 @@ pub async fn serve(
     let names = spec.service_names.clone();
     let on_shutdown = async move {
         shutdown.cancelled().await;
-        if let Some(url) = &local_url {
-            crate::local::unregister(url);
-        }
+        drop(registration_opt);
         for name in &names {
             health_reporter
                 .set_service_status(*name, ServingStatus::NotServing)

@@ -139,9 +139,10 @@ impl Inner {
     /// request order; the inbox writes and ack's records all run at once (the inbox's group
     /// commit folds the writes into shared commits), so the single ticks wait for the
     /// slowest write, not for each in turn. Then the recipients are located (after the
-    /// writes, see below) and every message is pushed in order, and the answer waits until the pushes reached the recipients' gateways (with
-    /// several messaging replicas the sender's next batch may go through another one, whose
-    /// pushes must not overtake these).
+    /// writes, see below), every message is pushed in order, and the answer waits until the
+    /// pushes reached the recipients' gateways (with several messaging replicas the
+    /// sender's next batch may go through another one, whose pushes must not overtake
+    /// these).
     ///
     /// ack must know a message before any receipt for it can arrive, that is before it is
     /// pushed. A failed inbox write leaves an unknown id recorded with ack, which expires
