@@ -33,7 +33,7 @@ export CASSANDRA_CLUSTER_NAME="bluetick-multinode"
 export CASSANDRA_JVM_EXTRA="-Dcassandra.ring_delay_ms=1000 -Dcassandra.consistent.rangemovement=false -Dcassandra.auto_bootstrap=false"
 # SeaweedFS on ports of its own, so a single-node run elsewhere on the machine is left alone.
 export SEAWEEDFS_S3_PORT=18333 SEAWEEDFS_MASTER_PORT=19333 SEAWEEDFS_VOLUME_PORT=19340
-export SEAWEEDFS_FILER_PORT=18888 SEAWEEDFS_ADMIN_PORT=23746
+export SEAWEEDFS_FILER_PORT=18888
 export AWS_ACCESS_KEY_ID="${SEAWEEDFS_ACCESS_KEY:-ci-key}"
 export AWS_SECRET_ACCESS_KEY="${SEAWEEDFS_SECRET_KEY:-ci-secret}"
 export AWS_REGION="us-east-1"
@@ -62,6 +62,9 @@ stop_services() {
 
 cleanup() {
     local status=$?
+    if ((status != 0)); then
+        scripts/seaweedfs.sh log >&2 || true
+    fi
     stop_services
     if [[ "${KEEP_ENGINES:-0}" != "1" ]]; then
         local node

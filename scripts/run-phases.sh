@@ -16,6 +16,10 @@ make_cmd="${MAKE:-make}"
 summary=()
 total_start=$SECONDS
 
+free_disk() {
+    df -Ph . | awk 'NR == 2 { print $4 " free" }'
+}
+
 print_summary() {
     local line
     printf '\n==== phase summary ====\n' >&2
@@ -32,12 +36,12 @@ for phase in "$@"; do
     "$make_cmd" --no-print-directory "$phase" || status=$?
     elapsed=$((SECONDS - phase_start))
     if ((status != 0)); then
-        summary+=("$(printf '%-24s %6ss  FAILED (exit %d)' "$phase" "$elapsed" "$status")")
+        summary+=("$(printf '%-24s %6ss  FAILED (exit %d), disk %s' "$phase" "$elapsed" "$status" "$(free_disk)")")
         printf '==== phase %s FAILED after %ss ====\n' "$phase" "$elapsed" >&2
         print_summary
         exit "$status"
     fi
-    summary+=("$(printf '%-24s %6ss  ok' "$phase" "$elapsed")")
+    summary+=("$(printf '%-24s %6ss  ok, disk %s' "$phase" "$elapsed" "$(free_disk)")")
     printf '==== phase %s ok in %ss ====\n' "$phase" "$elapsed" >&2
 done
 print_summary

@@ -28,6 +28,10 @@ phases=("$@")
 
 cleanup() {
     local status=$?
+    if ((status != 0)); then
+        # What the engine said is the first thing a failed CI run needs.
+        "$seaweedfs" log >&2 || true
+    fi
     if [[ "${KEEP_ENGINES:-0}" == "1" ]]; then
         log "KEEP_ENGINES=1: leaving cassandra and seaweedfs running"
     else
