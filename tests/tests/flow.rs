@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use bluetick_client::{ChatEvent, DeviceAddress};
+use bluetick_client::{ChatConfig, ChatEvent, DeviceAddress};
 use bluetick_proto::gateway::v1::chat_client::ChatClient;
 use bluetick_proto::gateway::v1::client_frame::Frame as ClientBody;
 use bluetick_proto::gateway::v1::{ClientFrame, Heartbeat};
@@ -18,7 +18,14 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
     let cluster = TestCluster::start().await;
     let alice = cluster.user("alice").await;
     let bob = cluster.user("bob").await;
-    let (_a, alice_chat, mut alice_events) = cluster.connect(&alice).await;
+    let total = 2_000;
+    // Alice reads her events only after sending: her event buffer must hold a tick for
+    // each send, or her session waits for her to read (events are bounded too).
+    let alice_config = ChatConfig {
+        event_buffer: 2 * total,
+        ..ChatConfig::default()
+    };
+    let (_a, alice_chat, mut alice_events) = cluster.connect_with(&alice, alice_config).await;
 
     // Bob opens a raw stream and never reads it.
     let mut client = ChatClient::connect(cluster.endpoints.gateway.clone())
@@ -45,7 +52,6 @@ async fn a_device_that_does_not_read_is_disconnected_not_buffered() {
     let mut bob_stream = client.open(request).await.unwrap().into_inner();
 
     let payload = vec![b'x'; 8 * 1024];
-    let total = 2_000;
     let mut last = String::new();
     for _ in 0..total {
         last = alice_chat

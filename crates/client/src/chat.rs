@@ -31,6 +31,7 @@ use bluetick_proto::gateway::v1::{
     ServerFrame, TypingNotice, WatchPresence, Welcome,
 };
 use bytes::Bytes;
+use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -65,7 +66,9 @@ pub struct ChatConfig {
     pub auto_confirm_receipts: bool,
     /// Most message or receipt ids per Acknowledge / ConfirmReceipts frame.
     pub ack_batch_max: usize,
-    /// How long automatic acknowledgements may wait to be batched.
+    /// How often acknowledgements queued outside frame handling (reads marked by the app,
+    /// retries) are written. Those that receiving frames produces are written as soon as
+    /// the frames that arrived together are handled.
     pub ack_flush_interval: Duration,
     /// Message ids remembered for duplicate suppression.
     pub dedup_capacity: usize,
@@ -852,12 +855,7 @@ impl Session {
         loop {
             tokio::select! {
                 frame_result = connection.inbound.message() => {
-                    let step = match frame_result {
-                        Ok(Some(frame)) => self.handle_frame(frame, &connection.outbound).await,
-                        Ok(None) => Err(ClientError::Unavailable("the server closed the chat stream".into())),
-                        Err(status) => Err(ClientError::from(status)),
-                    };
-                    if let Err(error) = step {
+                    if let Err(error) = self.handle_arrived(frame_result, connection).await {
                         return ConnectionEnd::Broken(error);
                     }
                 }
@@ -886,6 +884,40 @@ impl Session {
                 },
             }
         }
+    }
+
+    /// Handles `first` and every frame that has already arrived behind it (up to one ack
+    /// batch), then writes the acknowledgements they produced at once. A quiet stream gets
+    /// its receipts out without waiting for the flush timer; a busy one still acknowledges
+    /// in batches, as large as what arrived together.
+    async fn handle_arrived(
+        &mut self,
+        first: Result<Option<ServerFrame>, tonic::Status>,
+        connection: &mut Connection,
+    ) -> ClientResult<()> {
+        let mut next = first;
+        let mut handled = 0;
+        loop {
+            match next {
+                Ok(Some(frame)) => self.handle_frame(frame, &connection.outbound).await?,
+                Ok(None) => {
+                    return Err(ClientError::Unavailable(
+                        "the server closed the chat stream".into(),
+                    ));
+                }
+                Err(status) => return Err(ClientError::from(status)),
+            }
+            handled += 1;
+            if handled >= self.config.ack_batch_max {
+                break;
+            }
+            // `message()` is cancel-safe: a frame not yet complete stays buffered.
+            match connection.inbound.message().now_or_never() {
+                Some(result) => next = result,
+                None => break,
+            }
+        }
+        self.flush_acks(&connection.outbound).await
     }
 
     /// Re-sends what a fresh stream needs: unanswered sends in order, the presence watch

@@ -148,7 +148,7 @@ async fn run_session(
         return;
     }
 
-    let mut ops = OpsLane::default();
+    let mut ops = OpsLanes::default();
     let sync = tokio::spawn(sync_backlog(gateway.clone(), handle.clone()));
     let mut watch: Option<tokio::task::JoinHandle<()>> = None;
 
@@ -184,13 +184,13 @@ async fn run_session(
         }
     }
 
-    let worker_opt = ops.close();
+    let workers: Vec<_> = ops.close().collect();
     sync.abort();
     if let Some(watch) = watch {
         watch.abort();
     }
-    // Let queued sends finish unless the session was cut.
-    if let Some(worker) = worker_opt {
+    // Let queued sends and receipts finish unless the session was cut.
+    for worker in workers {
         let _ = worker.await;
     }
     gateway.sessions.remove(&device, handle.session_id);
@@ -218,7 +218,7 @@ async fn handle_frame(
     gateway: &Arc<Gateway>,
     handle: &Arc<SessionHandle>,
     frame: ClientFrame,
-    ops: &mut OpsLane,
+    ops: &mut OpsLanes,
     watch: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> bool {
     let op = match frame.frame {
@@ -273,14 +273,14 @@ async fn handle_frame(
             return true;
         }
     };
-    let ops = ops.sender(gateway, handle);
+    let ops = ops.lane_for(&op).sender(gateway, handle);
     tokio::select! {
         _ = handle.cancel.cancelled() => false,
         sent = ops.send(op) => sent.is_ok(),
     }
 }
 
-/// The queue from a session's reader to its ops worker, started with the first op: most
+/// A queue from a session's reader to an ops worker, started with the first op: most
 /// connected devices sit idle, and an idle device then holds neither the worker task nor
 /// its queue.
 #[derive(Default)]
@@ -301,6 +301,30 @@ impl OpsLane {
     /// Closes the queue; returns the worker, which finishes what was queued.
     fn close(self) -> Option<tokio::task::JoinHandle<()>> {
         self.started_opt.map(|(_, worker)| worker)
+    }
+}
+
+/// A session's two ops lanes. Sends keep their order in one lane; receipts (acks and
+/// confirmations) keep theirs in the other. The two are independent, so a device that
+/// sends and receives at once does not hold its next send behind the store writes of an
+/// acknowledgement, or the other way round.
+#[derive(Default)]
+struct OpsLanes {
+    sends: OpsLane,
+    receipts: OpsLane,
+}
+
+impl OpsLanes {
+    fn lane_for(&mut self, op: &Op) -> &mut OpsLane {
+        match op {
+            Op::Send(..) => &mut self.sends,
+            Op::Ack(..) | Op::Confirm(_) => &mut self.receipts,
+        }
+    }
+
+    /// Closes both queues; returns the workers, which finish what was queued.
+    fn close(self) -> impl Iterator<Item = tokio::task::JoinHandle<()>> {
+        self.sends.close().into_iter().chain(self.receipts.close())
     }
 }
 
@@ -348,12 +372,49 @@ async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mps
                 }
                 handle_sends(&gateway, &handle.device, sends).await
             }
-            Op::Ack(ack, span) => {
+            Op::Ack(mut ack, span) => {
+                // Acknowledgements of the same status queued behind this one go with it:
+                // one pair of store writes instead of one per frame.
+                while (1..MAX_IDS_PER_FRAME).contains(&ack.message_ids.len()) {
+                    match ops.try_recv() {
+                        Ok(Op::Ack(next, _))
+                            if next.status == ack.status
+                                && !next.message_ids.is_empty()
+                                && ack.message_ids.len() + next.message_ids.len()
+                                    <= MAX_IDS_PER_FRAME =>
+                        {
+                            ack.message_ids.extend(next.message_ids);
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 handle_ack(&gateway, &handle.device, ack)
                     .instrument(span)
                     .await
             }
-            Op::Confirm(confirm) => handle_confirm(&gateway, &handle.device, confirm).await,
+            Op::Confirm(mut confirm) => {
+                while (1..MAX_IDS_PER_FRAME).contains(&confirm.receipt_ids.len()) {
+                    match ops.try_recv() {
+                        Ok(Op::Confirm(next))
+                            if !next.receipt_ids.is_empty()
+                                && confirm.receipt_ids.len() + next.receipt_ids.len()
+                                    <= MAX_IDS_PER_FRAME =>
+                        {
+                            confirm.receipt_ids.extend(next.receipt_ids);
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                handle_confirm(&gateway, &handle.device, confirm).await
+            }
         };
         for reply in replies {
             send_frame(&handle, reply).await;
