@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use bluetick_client::{BluetickClient, ChatEvent, Content, DeviceAddress, TickStatus, register};
+use bluetick_client::{
+    BluetickClient, ChatEvent, Content, DeviceAddress, TickStatus, new_device_token, register,
+    register_with_token,
+};
 use bluetick_proto::gateway::v1::chat_client::ChatClient;
 use bluetick_proto::gateway::v1::client_frame::Frame as ClientBody;
 use bluetick_proto::gateway::v1::gateway_internal_client::GatewayInternalClient;
@@ -85,6 +88,33 @@ async fn registration_validates_handles() {
     register(gateway, media, &dana, "Dana").await.unwrap();
     let taken = register(gateway, media, &dana, "Other").await.unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists);
+
+    // A registration repeated with its token (its answer was lost) answers like the first;
+    // anyone else's token still finds the handle taken.
+    let erin = format!("erin{}", rand::random::<u32>());
+    let token = new_device_token();
+    let first = register_with_token(gateway, media, &erin, "Erin", &token)
+        .await
+        .unwrap();
+    let again = register_with_token(gateway, media, &erin, "Erin", &token)
+        .await
+        .unwrap();
+    assert_eq!((again.device_id, &again.token), (1, &first.token));
+    // The token works: the device adds a second one.
+    let second = BluetickClient::new(again)
+        .unwrap()
+        .add_device()
+        .await
+        .unwrap();
+    assert_eq!(second.device_id, 2);
+    let other = register_with_token(gateway, media, &erin, "Erin", &new_device_token())
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    let weak = register_with_token(gateway, media, "frank_weak", "F", "short")
+        .await
+        .unwrap_err();
+    assert_eq!(weak.code(), Code::InvalidArgument);
 }
 
 /// Unknown recipients, oversize payloads, empty frames, foreign acks and internal calls on

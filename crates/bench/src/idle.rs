@@ -114,6 +114,7 @@ async fn register_devices(
                     .register(RegisterRequest {
                         user_id: user_id.clone(),
                         display_name: "idle".into(),
+                        ..RegisterRequest::default()
                     })
                     .await
                     .with_context(|| format!("registering {user_id}"))?

@@ -124,14 +124,51 @@ pub fn lazy_channel(urls: &str) -> ClientResult<Channel> {
 
 /// Creates a user with its first device and returns that device's credentials.
 ///
+/// The device's token is chosen here, so a call whose answer was lost is repeated safely:
+/// an unreachable gateway or a timeout is retried (three more times, backing off) with the
+/// same token, and a repeat of a registration that went through answers like the first.
+///
 /// # Errors
 /// [`ClientError::AlreadyExists`] when the handle is taken, [`ClientError::InvalidArgument`]
-/// when it is malformed, [`ClientError::Unavailable`] when the gateway is unreachable.
+/// when it is malformed, [`ClientError::Unavailable`] or [`ClientError::Timeout`] when the
+/// gateway did not answer any attempt.
 pub async fn register(
     gateway_url: &str,
     media_url: &str,
     user_id: &str,
     display_name: &str,
+) -> ClientResult<Credentials> {
+    const ATTEMPTS: u32 = 4;
+    let token = new_device_token();
+    let mut attempt = 1;
+    loop {
+        match register_with_token(gateway_url, media_url, user_id, display_name, &token).await {
+            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Returns a fresh device token: 256 random bits as 64 hex digits.
+pub fn new_device_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Creates a user whose first device uses `token` (32 to 128 of `A-Z a-z 0-9 - _`, e.g.
+/// from [`new_device_token`]). One attempt; repeating it with the same arguments after a
+/// lost answer returns the same credentials instead of [`ClientError::AlreadyExists`].
+///
+/// # Errors
+/// As [`register`], without its retries.
+pub async fn register_with_token(
+    gateway_url: &str,
+    media_url: &str,
+    user_id: &str,
+    display_name: &str,
+    token: &str,
 ) -> ClientResult<Credentials> {
     let channel = if gateway_url.contains(',') {
         lazy_channel(gateway_url)?
@@ -144,6 +181,7 @@ pub async fn register(
         .register(RegisterRequest {
             user_id: user_id.to_string(),
             display_name: display_name.to_string(),
+            token: token.to_string(),
         })
         .await?
         .into_inner();

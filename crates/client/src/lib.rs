@@ -42,7 +42,8 @@ mod error;
 pub mod media;
 
 pub use api::{
-    AuthInterceptor, Authed, BluetickClient, DeviceList, UNARY_DEADLINE, endpoint, register,
+    AuthInterceptor, Authed, BluetickClient, DeviceList, UNARY_DEADLINE, endpoint,
+    new_device_token, register, register_with_token,
 };
 pub use backoff::Backoff;
 pub use chat::{ChatConfig, ChatEvent, ChatEvents, ChatHandle, new_client_msg_id};

@@ -8,7 +8,7 @@ use bluetick_proto::common::v1::DeviceAddress;
 use bluetick_proto::gateway::v1::accounts_server::Accounts;
 use bluetick_proto::gateway::v1::keys_server::Keys;
 use bluetick_proto::gateway::v1::*;
-use bluetick_store::{IdentityKeys, PreKeyRecord, SignedPreKeyRecord};
+use bluetick_store::{IdentityKeys, PreKeyRecord, SignedPreKeyRecord, StoreError};
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -26,6 +26,21 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 /// Returns a fresh random bearer token (256 bits, hex).
 fn new_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Checks a token chosen by the client at registration: 32 to 128 of `A-Z a-z 0-9 - _`.
+fn validate_chosen_token(token: &str) -> Result<(), Status> {
+    let valid = (32..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(
+            "token must be 32 to 128 characters of A-Z a-z 0-9 - _",
+        ))
+    }
 }
 
 /// Checks a user handle: 3 to 32 of `a-z 0-9 _ . -`, starting with a letter or digit.
@@ -93,8 +108,15 @@ impl Accounts for AccountsService {
                 "display_name is at most 64 characters",
             ));
         }
-        let token = new_token();
-        self.gateway
+        let chosen = !request.token.is_empty();
+        let token = if chosen {
+            validate_chosen_token(&request.token)?;
+            request.token
+        } else {
+            new_token()
+        };
+        let created = self
+            .gateway
             .accounts
             .create_user(
                 &request.user_id,
@@ -102,8 +124,28 @@ impl Accounts for AccountsService {
                 now_ms(),
                 token_hash(&token),
             )
-            .await?;
-        tracing::info!(user_id = %request.user_id, "user registered");
+            .await;
+        match created {
+            Ok(()) => tracing::info!(user_id = %request.user_id, "user registered"),
+            Err(StoreError::AlreadyExists(taken)) => {
+                // A repeat of a registration that succeeded, whose answer was lost: this
+                // user's device 1 already answers to the chosen token. Answer it again.
+                let repeated = chosen
+                    && self
+                        .gateway
+                        .accounts
+                        .authenticate(token_hash(&token))
+                        .await?
+                        .is_some_and(|device| {
+                            device.user_id == request.user_id && device.device_id == 1
+                        });
+                if !repeated {
+                    return Err(StoreError::AlreadyExists(taken).into());
+                }
+                tracing::info!(user_id = %request.user_id, "registration repeated");
+            }
+            Err(error) => return Err(error.into()),
+        }
         Ok(Response::new(RegisterResponse {
             device_id: 1,
             token,
