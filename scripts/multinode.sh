@@ -186,7 +186,7 @@ drive --mode kill --seconds "$SECONDS_KILL" --kill-every 6 \
     --kill "cassandra-${CQL_NODES[2]}=${cql_victim_pid}" \
     --kill "media-2=${PIDS[media-2]}"
 if grep -l "panicked" "${RUN}"/*.log >/dev/null 2>&1; then
-    die "a service panicked: $(grep -l panicked "${RUN}"/*.log | tr '\n' ' ')"
+    die "a service panicked: $(grep -H -m1 panicked "${RUN}"/*.log | head -n 3 | cut -c1-300 | tr '\n' ' ')"
 fi
 
 log "multinode: 1 replica:  ${one#multinode: }"

@@ -4,7 +4,10 @@
 #
 #   scripts/run-phases.sh fmt lint test-fast test-python
 #
-# $MAKE (default: make) runs each phase.
+# $MAKE (default: make) runs each phase. Each phase's output is also kept in
+# .cache/phases/PHASE.log; when a phase fails, the lines that say why (errors, failed
+# tests, the multinode verdict) are printed again just above the summary, so that the end
+# of a long log names the cause.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -13,6 +16,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 (($# > 0)) || die "usage: $0 PHASE..."
 
 make_cmd="${MAKE:-make}"
+logs="${BLUETICK_ROOT}/.cache/phases"
+mkdir -p "$logs"
 summary=()
 total_start=$SECONDS
 
@@ -33,9 +38,13 @@ for phase in "$@"; do
     printf '\n==== phase %s ====\n' "$phase" >&2
     phase_start=$SECONDS
     status=0
-    "$make_cmd" --no-print-directory "$phase" || status=$?
+    "$make_cmd" --no-print-directory "$phase" 2>&1 | tee "${logs}/${phase}.log" >&2 ||
+        status=${PIPESTATUS[0]}
     elapsed=$((SECONDS - phase_start))
     if ((status != 0)); then
+        printf '\n==== why phase %s failed (from %s) ====\n' "$phase" "${logs}/${phase}.log" >&2
+        grep -E 'ERROR|FAILED|panicked|^error|^failures:|^---- |lost=|multinode: .*(still had|lost, dup)|Error: ' \
+            "${logs}/${phase}.log" | grep -v '^==== ' | tail -n 12 | cut -c1-400 >&2 || true
         summary+=("$(printf '%-24s %6ss  FAILED (exit %d), disk %s' "$phase" "$elapsed" "$status" "$(free_disk)")")
         printf '==== phase %s FAILED after %ss ====\n' "$phase" "$elapsed" >&2
         print_summary

@@ -195,7 +195,8 @@ cmd_stop() {
 cmd_log() {
     if [[ -f "$LOGFILE" ]]; then
         echo "---- last lines of ${LOGFILE} ($(free_disk "$RUN_DIR")) ----"
-        tail -n "${SEAWEEDFS_LOG_LINES:-30}" "$LOGFILE"
+        # The lock ring's broadcasts every 30 s are noise here.
+        grep -v 'LockRing\|lock_ring' "$LOGFILE" | tail -n "${SEAWEEDFS_LOG_LINES:-30}"
     fi
 }
 

@@ -295,8 +295,19 @@ impl Inner {
                 duplicate,
             }));
         }
-        let _ =
-            tokio::time::timeout(PUSH_HANDOVER_WAIT, futures::future::join_all(handed_over)).await;
+        let pushes = handed_over.len();
+        if tokio::time::timeout(PUSH_HANDOVER_WAIT, futures::future::join_all(handed_over))
+            .await
+            .is_err()
+        {
+            // The answer goes out before the pushes were handed over: a later send of the
+            // same sender through another messaging replica may now overtake them.
+            tracing::warn!(
+                pushes,
+                wait_ms = PUSH_HANDOVER_WAIT.as_millis() as u64,
+                "pushes not handed over in time, answering anyway"
+            );
+        }
         let mut accepted = accepted.into_iter();
         prepared
             .into_iter()

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bluetick_client::proto::gateway::v1::DevicePayload;
 use bluetick_client::{
-    BluetickClient, ChatConfig, ChatEvent, Content, new_client_msg_id, register,
+    BluetickClient, ChatConfig, ChatEvent, Content, new_client_msg_id, new_device_token,
+    register_with_token,
 };
 use clap::Parser;
 use tokio::sync::Semaphore;
@@ -72,6 +73,9 @@ fn parse_kill(value: &str) -> Result<(String, String), String> {
     Ok((name.to_string(), pid.to_string()))
 }
 
+/// Violations described one by one, at most.
+const MAX_EXAMPLES: usize = 8;
+
 /// What one user's device saw.
 #[derive(Debug, Default)]
 struct UserLog {
@@ -123,9 +127,13 @@ async fn main() -> anyhow::Result<()> {
     for (index, name) in names.iter().enumerate() {
         // The SDK spreads users over the gateways in the list and fails over across it.
         // Services listen before their store is open: retry until the cluster serves.
+        // One token per user for every attempt: an attempt whose answer timed out may have
+        // registered the user, and its repeat then answers with the same credentials.
+        let token = new_device_token();
         let mut attempts = 0;
         let credentials = loop {
-            match register(&settings.gateways, &settings.media, name, name).await {
+            match register_with_token(&settings.gateways, &settings.media, name, name, &token).await
+            {
                 Ok(credentials) => break credentials,
                 Err(error) if attempts < 60 => {
                     attempts += 1;
@@ -317,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
     let mut shown_total = 0;
     let mut reconnects = 0;
     let mut send_failed = 0;
+    let mut examples = Vec::new();
     for (index, log) in logs.iter().enumerate() {
         let log = log.lock().unwrap_or_else(|poison| poison.into_inner());
         reconnects += log.reconnects;
@@ -330,17 +339,32 @@ async fn main() -> anyhow::Result<()> {
         let mut seen_seqs = HashSet::new();
         let mut last_accept: Option<usize> = None;
         let mut last_seq: Option<u64> = None;
-        for (sender, seq, message_id) in &log.shown {
+        let mut last_shown: Option<(u64, u64)> = None;
+        for (shown_at, (sender, seq, message_id)) in log.shown.iter().enumerate() {
             shown_total += 1;
             if !seen_ids.insert(*message_id) || !seen_seqs.insert((*sender, *seq)) {
                 duplicates += 1;
+                if examples.len() < MAX_EXAMPLES {
+                    examples.push(format!(
+                        "user {index} showed again: message {message_id} (sender {sender} seq {seq}) at position {shown_at}"
+                    ));
+                }
                 continue;
             }
             if let Some(position) = accept_index.get(message_id) {
                 if last_accept.is_some_and(|last| *position < last) {
                     order_violations += 1;
+                    if examples.len() < MAX_EXAMPLES {
+                        let (previous_id, previous_seq) = last_shown.unwrap_or_default();
+                        examples.push(format!(
+                            "user {index} showed message {message_id} (seq {seq}, accepted {position}) after \
+                             {previous_id} (seq {previous_seq}, accepted {})",
+                            last_accept.unwrap_or_default()
+                        ));
+                    }
                 }
                 last_accept = Some(*position);
+                last_shown = Some((*message_id, *seq));
             }
             if last_seq.is_some_and(|last| *seq < last) {
                 send_order_inversions += 1;
@@ -356,6 +380,9 @@ async fn main() -> anyhow::Result<()> {
         send_window.as_secs_f64(),
         drained_in.as_secs_f64()
     );
+    for example in &examples {
+        println!("multinode:   {example}");
+    }
     for chat in &chats {
         let _ = tokio::time::timeout(Duration::from_secs(2), chat.close()).await;
     }
