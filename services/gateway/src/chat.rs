@@ -360,59 +360,48 @@ async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mps
             Op::Send(send, span) => {
                 // The sends queued behind this one go with it: one batch, in order.
                 let mut sends = vec![(send, span)];
-                while sends.len() < MAX_SENDS_PER_BATCH {
-                    match ops.try_recv() {
-                        Ok(Op::Send(send, span)) => sends.push((send, span)),
-                        Ok(other) => {
-                            held = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
+                held = absorb_queued(&mut ops, |op| match op {
+                    Op::Send(send, span) if sends.len() < MAX_SENDS_PER_BATCH => {
+                        sends.push((send, span));
+                        Ok(())
                     }
-                }
+                    other => Err(other),
+                });
                 handle_sends(&gateway, &handle.device, sends).await
             }
             Op::Ack(mut ack, span) => {
                 // Acknowledgements of the same status queued behind this one go with it:
                 // one pair of store writes instead of one per frame.
-                while (1..MAX_IDS_PER_FRAME).contains(&ack.message_ids.len()) {
-                    match ops.try_recv() {
-                        Ok(Op::Ack(next, _))
-                            if next.status == ack.status
-                                && !next.message_ids.is_empty()
-                                && ack.message_ids.len() + next.message_ids.len()
-                                    <= MAX_IDS_PER_FRAME =>
-                        {
-                            ack.message_ids.extend(next.message_ids);
-                        }
-                        Ok(other) => {
-                            held = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
+                held = absorb_queued(&mut ops, |op| match op {
+                    Op::Ack(next, _)
+                        if next.status == ack.status
+                            && !ack.message_ids.is_empty()
+                            && !next.message_ids.is_empty()
+                            && ack.message_ids.len() + next.message_ids.len()
+                                <= MAX_IDS_PER_FRAME =>
+                    {
+                        ack.message_ids.extend(next.message_ids);
+                        Ok(())
                     }
-                }
+                    other => Err(other),
+                });
                 handle_ack(&gateway, &handle.device, ack)
                     .instrument(span)
                     .await
             }
             Op::Confirm(mut confirm) => {
-                while (1..MAX_IDS_PER_FRAME).contains(&confirm.receipt_ids.len()) {
-                    match ops.try_recv() {
-                        Ok(Op::Confirm(next))
-                            if !next.receipt_ids.is_empty()
-                                && confirm.receipt_ids.len() + next.receipt_ids.len()
-                                    <= MAX_IDS_PER_FRAME =>
-                        {
-                            confirm.receipt_ids.extend(next.receipt_ids);
-                        }
-                        Ok(other) => {
-                            held = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
+                held = absorb_queued(&mut ops, |op| match op {
+                    Op::Confirm(next)
+                        if !confirm.receipt_ids.is_empty()
+                            && !next.receipt_ids.is_empty()
+                            && confirm.receipt_ids.len() + next.receipt_ids.len()
+                                <= MAX_IDS_PER_FRAME =>
+                    {
+                        confirm.receipt_ids.extend(next.receipt_ids);
+                        Ok(())
                     }
-                }
+                    other => Err(other),
+                });
                 handle_confirm(&gateway, &handle.device, confirm).await
             }
         };
@@ -420,6 +409,20 @@ async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mps
             send_frame(&handle, reply).await;
         }
     }
+}
+
+/// Takes the ops already queued behind the current one for as long as `absorb` folds them
+/// into it; returns the first it refuses, which is handled next.
+fn absorb_queued(
+    ops: &mut mpsc::Receiver<Op>,
+    mut absorb: impl FnMut(Op) -> Result<(), Op>,
+) -> Option<Op> {
+    while let Ok(op) = ops.try_recv() {
+        if let Err(refused) = absorb(op) {
+            return Some(refused);
+        }
+    }
+    None
 }
 
 fn rejected(client_msg_id: String, status: Status) -> ServerFrame {
