@@ -4,8 +4,10 @@
 //! directory grows past a few thousand entries per million blobs), and `<dir>/tmp/` for
 //! uploads in progress. An upload writes a temp file, fsyncs it, then renames it to its
 //! final name and fsyncs the directory: a blob is either complete or absent, even across a
-//! crash. Temp files are removed on abort or drop; ones orphaned by a crash are swept when
-//! the store is opened. One process per directory.
+//! crash. While a large upload is still arriving, what it wrote so far is flushed to disk
+//! in the background, so the final fsync waits only for the tail. Temp files are removed on
+//! abort or drop; ones orphaned by a crash are swept when the store is opened. One process
+//! per directory.
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,10 @@ use crate::{
 /// Writes are batched up to this many bytes per blocking write (fewer thread hops for
 /// small HTTP body frames; bounds memory per upload).
 const WRITE_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Once this many bytes were written since the last background flush started, an upload
+/// starts the next one (if the previous one has finished).
+const SYNC_AHEAD_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Temp files untouched for this long are leftovers of a crash, swept on open.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(3600);
@@ -124,6 +130,8 @@ impl BlobStore for LocalBlobStore {
             pending: Vec::new(),
             pending_bytes: 0,
             written_bytes: 0,
+            unsynced_bytes: 0,
+            sync_ahead_opt: None,
         }))
     }
 
@@ -171,6 +179,10 @@ struct LocalUpload {
     pending: Vec<Bytes>,
     pending_bytes: usize,
     written_bytes: u64,
+    /// Bytes written since the last background flush started.
+    unsynced_bytes: u64,
+    /// The background flush in progress, if any.
+    sync_ahead_opt: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl LocalUpload {
@@ -180,16 +192,41 @@ impl LocalUpload {
             return Ok(());
         }
         let chunks = std::mem::take(&mut self.pending);
+        self.unsynced_bytes += self.pending_bytes as u64;
         self.pending_bytes = 0;
         let mut temp_file = self.temp_file_opt.take().ok_or_else(upload_broken)?;
-        let temp_file = blocking(move || {
+        let start_sync = self.unsynced_bytes >= SYNC_AHEAD_BYTES
+            && self
+                .sync_ahead_opt
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished);
+        let (temp_file, sync_file_opt) = blocking(move || {
             for chunk in &chunks {
                 temp_file.as_file_mut().write_all(chunk)?;
             }
-            Ok(temp_file)
+            let sync_file_opt = start_sync
+                .then(|| temp_file.as_file().try_clone())
+                .transpose()?;
+            Ok((temp_file, sync_file_opt))
         })
         .await?;
         self.temp_file_opt = Some(temp_file);
+        if let Some(sync_file) = sync_file_opt {
+            self.await_sync_ahead().await?;
+            self.unsynced_bytes = 0;
+            self.sync_ahead_opt = Some(tokio::task::spawn_blocking(move || sync_file.sync_data()));
+        }
+        Ok(())
+    }
+
+    /// Waits for the background flush in progress, if any, and returns its error.
+    async fn await_sync_ahead(&mut self) -> BlobResult<()> {
+        if let Some(sync_ahead) = self.sync_ahead_opt.take() {
+            sync_ahead
+                .await
+                .map_err(|join_error| BlobError::Io(std::io::Error::other(join_error)))?
+                .map_err(BlobError::Io)?;
+        }
         Ok(())
     }
 }
@@ -217,6 +254,7 @@ impl BlobUpload for LocalUpload {
 
     async fn finish(mut self: Box<Self>, hash: ContentHash) -> BlobResult<FinishedUpload> {
         self.flush_pending().await?;
+        self.await_sync_ahead().await?;
         let temp_file = self.temp_file_opt.take().ok_or_else(upload_broken)?;
         let final_path = blob_path(&self.root, &hash);
         let size = self.written_bytes;
