@@ -147,6 +147,7 @@ for record in records:
         valid = record["dropped"] == 0
         rows.append(("100k: devices connected", str(record["connected"]), "100,000", "yes" if record["connected"] >= 100000 else "NO"))
         rows.append(("100k: devices still connected at the end", str(held), "100,000", "yes" if held >= 100000 else "NO"))
+        rows.append(("100k: reconnects during the run", str(record.get("reconnects", 0)), "-", "-"))
         if not valid:
             rows.append(("100k: memory and CPU figures", "invalid: devices dropped", "-", "NO"))
             continue
@@ -260,6 +261,7 @@ run_idle_100k() {
         connected: (map(.connected) | add),
         failed: (map(.failed) | add),
         dropped: (map(.dropped) | add),
+        reconnects: (map(.reconnects) | add),
         server_rss_before_kib: $before.total_rss_kib,
         server_rss_after_kib: $after.total_rss_kib,
         rss_per_device_kib: (($after.total_rss_kib - $before.total_rss_kib) / (map(.connected) | add)),

@@ -21,10 +21,13 @@ use anyhow::{Context, bail};
 use bluetick_client::proto::gateway::v1::accounts_client::AccountsClient;
 use bluetick_client::proto::gateway::v1::chat_client::ChatClient;
 use bluetick_client::proto::gateway::v1::client_frame::Frame as ClientFrameBody;
-use bluetick_client::proto::gateway::v1::{ClientFrame, Heartbeat, RegisterRequest};
+use bluetick_client::proto::gateway::v1::{ClientFrame, Heartbeat, RegisterRequest, ServerFrame};
 use bluetick_client::{AuthInterceptor, UNARY_DEADLINE, endpoint};
 use futures::StreamExt;
 use serde::Serialize;
+use tonic::Streaming;
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::procfs;
 
@@ -71,8 +74,10 @@ pub(crate) struct IdleReport {
     pub(crate) devices: usize,
     pub(crate) connected: usize,
     pub(crate) failed: usize,
-    /// Streams that ended before the measurement did (missed heartbeats, errors).
+    /// Devices whose stream had ended and not reconnected when the measurement ended.
     pub(crate) dropped: usize,
+    /// Streams that ended and were opened again during the run.
+    pub(crate) reconnects: usize,
     pub(crate) first_error: Option<String>,
     pub(crate) register_seconds: f64,
     pub(crate) connect_seconds: f64,
@@ -136,21 +141,25 @@ fn heartbeat() -> ClientFrame {
     }
 }
 
-/// Opens one device's chat stream, waits for the first frame (Welcome), then keeps
-/// reading in a task that counts the stream in `dropped` if it ends.
-async fn connect_device(
-    gateway: String,
+/// One device's open chat stream (the client keeps the connection alive).
+struct OpenStream {
+    _chat: ChatClient<InterceptedService<Channel, AuthInterceptor>>,
+    inbound: Streaming<ServerFrame>,
+}
+
+/// Opens one device's chat stream and waits for the first frame (Welcome).
+async fn open_stream(
+    gateway: &str,
     source_opt: Option<IpAddr>,
-    token: String,
+    token: &str,
     every: Duration,
-    dropped: Arc<AtomicUsize>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let channel = endpoint(&gateway)?
+) -> anyhow::Result<OpenStream> {
+    let channel = endpoint(gateway)?
         .local_address(source_opt)
         .connect()
         .await
         .context("connecting")?;
-    let mut chat = ChatClient::with_interceptor(channel, AuthInterceptor::new(Some(&token), None)?);
+    let mut chat = ChatClient::with_interceptor(channel, AuthInterceptor::new(Some(token), None)?);
     // Spread the heartbeats over the interval, as real devices' would be.
     let first = every.mul_f64(rand::random::<f64>());
     let beats = futures::stream::unfold(first, move |delay| async move {
@@ -165,11 +174,47 @@ async fn connect_device(
     if first_frame.is_none() {
         bail!("stream ended before the welcome");
     }
+    Ok(OpenStream {
+        _chat: chat,
+        inbound,
+    })
+}
+
+/// Counts of the devices' streams after their first connect.
+#[derive(Debug, Default)]
+struct StreamCounts {
+    /// Devices whose stream ended and that have not reconnected (yet).
+    down: AtomicUsize,
+    /// Streams opened again after one ended.
+    reconnects: AtomicUsize,
+}
+
+/// Opens one device's chat stream, then keeps reading in a task; when the stream ends the
+/// task reconnects as the SDK would (backing off from 1 s to 16 s, with jitter), so a run
+/// measures whether the devices are held rather than how the first storm went.
+async fn connect_device(
+    gateway: String,
+    source_opt: Option<IpAddr>,
+    token: String,
+    every: Duration,
+    counts: Arc<StreamCounts>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut stream = open_stream(&gateway, source_opt, &token, every).await?;
     Ok(tokio::spawn(async move {
-        // Keeps the client (and so the connection) alive as long as the stream.
-        let _chat = chat;
-        while let Ok(Some(_frame)) = inbound.message().await {}
-        dropped.fetch_add(1, Ordering::Relaxed);
+        loop {
+            while let Ok(Some(_frame)) = stream.inbound.message().await {}
+            counts.down.fetch_add(1, Ordering::Relaxed);
+            let mut backoff = Duration::from_secs(1);
+            stream = loop {
+                tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>())).await;
+                if let Ok(stream) = open_stream(&gateway, source_opt, &token, every).await {
+                    break stream;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(16));
+            };
+            counts.down.fetch_sub(1, Ordering::Relaxed);
+            counts.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
     }))
 }
 
@@ -211,7 +256,7 @@ pub(crate) async fn run_idle(
     }
     let before = procfs::sample_all(server_pids)?;
 
-    let dropped = Arc::new(AtomicUsize::new(0));
+    let counts = Arc::new(StreamCounts::default());
     let every = Duration::from_secs(args.heartbeat_secs.max(1));
     let sources = args.source_ips.clone();
     let connect_start = Instant::now();
@@ -228,7 +273,7 @@ pub(crate) async fn run_idle(
                     source_opt,
                     device.token,
                     every,
-                    dropped.clone(),
+                    counts.clone(),
                 )
             })
             .buffer_unordered(args.connect_concurrency.max(1))
@@ -283,7 +328,8 @@ pub(crate) async fn run_idle(
         devices: args.devices,
         connected,
         failed,
-        dropped: dropped.load(Ordering::Relaxed),
+        dropped: counts.down.load(Ordering::Relaxed),
+        reconnects: counts.reconnects.load(Ordering::Relaxed),
         first_error,
         register_seconds,
         connect_seconds,

@@ -530,11 +530,12 @@ fn print_idle(report: &idle::IdleReport, json: bool) -> anyhow::Result<()> {
         return print_json(report);
     }
     println!(
-        "idle: {} of {} devices connected ({} failed, {} dropped) in {:.1} s, open files limit {}",
+        "idle: {} of {} devices connected ({} failed, {} down at the end, {} reconnects) in {:.1} s, open files limit {}",
         report.connected,
         report.devices,
         report.failed,
         report.dropped,
+        report.reconnects,
         report.connect_seconds,
         report.open_files_limit
     );

@@ -23,7 +23,16 @@ pub struct ServerSpec {
     /// Report NOT_SERVING this long after start (a presence replica relearning routes), so
     /// balancing callers and readiness probes wait; zero reports SERVING at once.
     pub warm_up: Duration,
+    /// Only other bluetick services call this server. HTTP/2's guard against floods of
+    /// streams reset before they were accepted (20 by default, the "rapid reset" defence
+    /// a public port needs) is then raised: during a connect storm callers legitimately
+    /// give up on many queued calls at once, and tripping the guard would close the whole
+    /// connection and fail every call on it.
+    pub internal: bool,
 }
+
+/// Streams reset before being accepted that an internal server tolerates per connection.
+const INTERNAL_MAX_PENDING_ACCEPT_RESETS: usize = 4_096;
 
 /// Serves `routes` plus `grpc.health.v1` and server reflection on `listener` until
 /// `shutdown` is cancelled, then reports NOT_SERVING and drains in-flight calls.
@@ -119,6 +128,9 @@ pub async fn serve(
         .accept_http1(spec.accept_http1)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_pending_accept_reset_streams(
+            spec.internal.then_some(INTERNAL_MAX_PENDING_ACCEPT_RESETS),
+        )
         .layer(crate::trace::ServerTraceLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, on_shutdown)

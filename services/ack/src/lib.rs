@@ -57,6 +57,7 @@ pub async fn serve(
         service_names: vec!["bluetick.ack.v1.Ack"],
         accept_http1: false,
         warm_up: std::time::Duration::ZERO,
+        internal: true,
     };
     let result = serve_grpc(spec, listener, routes, shutdown.clone()).await;
     shutdown.cancel();

@@ -737,6 +737,11 @@ async fn handle_confirm(
 
 /// Attaches the device with presence, sends its backlog and stored receipts, then goes live.
 async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
+    // Held until the device is live; released if the session ends first (the task is
+    // aborted). Never closed, so an error cannot happen.
+    let Ok(_sync_permit) = gateway.syncs.acquire().await else {
+        return;
+    };
     let device = handle.device.clone();
     let attach = AttachRequest {
         device: Some(device.clone()),

@@ -96,8 +96,16 @@ pub(crate) struct Gateway {
     /// holds the whole routing table; see [`Gateway::tell_every_presence`].
     presence_peers: PresencePeers,
     sessions: sessions::Sessions,
+    /// Sessions syncing (attach, backlog, stored receipts) at once; see [`MAX_SYNCS`].
+    syncs: tokio::sync::Semaphore,
     shutdown: CancellationToken,
 }
+
+/// Sessions of one gateway that attach and read their backlog at the same time. Each sync
+/// makes several internal calls; in a connect storm (a gateway's devices all reconnecting
+/// after a restart) the others wait here, already connected and welcomed, instead of
+/// pushing every call past its deadline so that all of them fail and reconnect again.
+const MAX_SYNCS: usize = 64;
 
 /// Serves the public API on `public_listener` and the internal API on `internal_listener`
 /// until `shutdown`; then closes every device stream (clients reconnect elsewhere).
@@ -128,6 +136,7 @@ pub async fn serve(
         presence: PresenceClient::new(traced(presence_channel.clone())),
         presence_peers: PresencePeers::new(presence_channel),
         sessions: sessions::Sessions::default(),
+        syncs: tokio::sync::Semaphore::new(MAX_SYNCS),
         shutdown: shutdown.clone(),
         config,
     });
@@ -153,6 +162,7 @@ pub async fn serve(
         ],
         accept_http1: false,
         warm_up: std::time::Duration::ZERO,
+        internal: false,
     };
     let internal_routes = tonic::service::Routes::new(
         GatewayInternalServer::new(internal::InternalService::new(gateway.clone()))
@@ -162,6 +172,7 @@ pub async fn serve(
         service_names: vec!["bluetick.gateway.v1.GatewayInternal"],
         accept_http1: false,
         warm_up: std::time::Duration::ZERO,
+        internal: true,
     };
     let result = tokio::try_join!(
         serve_grpc(

@@ -76,6 +76,7 @@ pub async fn serve(
         service_names: vec![MEDIA_SERVICE_NAME],
         accept_http1: true,
         warm_up: std::time::Duration::ZERO,
+        internal: false,
     };
     tracing::info!(
         address = %listener.local_addr().context("listener has no address")?,

@@ -77,6 +77,7 @@ pub async fn serve(
         service_names: vec!["bluetick.presence.v1.Presence"],
         accept_http1: false,
         warm_up: config.warm_up,
+        internal: true,
     };
     let result = serve_grpc(spec, listener, routes, shutdown.clone()).await;
     shutdown.cancel();
