@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptor_set.encode_to_vec(),
     )?;
     // Chat frames and internal calls are small: they use a codec whose buffers start at
-    // 1 KiB instead of tonic's 8 KiB per direction and call (see `codec.rs`). Media moves
+    // 256 bytes instead of tonic's 8 KiB per direction and call (see `codec.rs`). Media moves
     // large chunks and keeps tonic's default.
     // media.proto imports nothing, so the compiled set splits cleanly by file.
     let (media, small): (Vec<_>, Vec<_>) = descriptor_set

@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use bluetick_client::proto::gateway::v1::accounts_client::AccountsClient;
 use bluetick_client::proto::gateway::v1::chat_client::ChatClient;
 use bluetick_client::proto::gateway::v1::client_frame::Frame as ClientFrameBody;
+use bluetick_client::proto::gateway::v1::server_frame::Frame as ServerFrameBody;
 use bluetick_client::proto::gateway::v1::{ClientFrame, Heartbeat, RegisterRequest, ServerFrame};
 use bluetick_client::{AuthInterceptor, UNARY_DEADLINE, endpoint};
 use futures::StreamExt;
@@ -147,7 +148,10 @@ struct OpenStream {
     inbound: Streaming<ServerFrame>,
 }
 
-/// Opens one device's chat stream and waits for the first frame (Welcome).
+/// Opens one device's chat stream and waits until the device is live: the gateway has
+/// attached it with presence and sent its (empty) backlog and stored receipts, ending with
+/// `BacklogDone`. Counting a device as connected only then keeps the steady-state window
+/// clear of the connect storm's internal calls.
 async fn open_stream(
     gateway: &str,
     source_opt: Option<IpAddr>,
@@ -167,13 +171,20 @@ async fn open_stream(
         Some((heartbeat(), every))
     });
     let mut inbound = chat.open(beats).await.context("opening chat")?.into_inner();
-    let first_frame = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+    let live = async {
+        loop {
+            match inbound.message().await.context("reading the backlog")? {
+                Some(ServerFrame {
+                    frame: Some(ServerFrameBody::BacklogDone(_)),
+                }) => return anyhow::Ok(()),
+                Some(_) => {}
+                None => bail!("stream ended before the backlog was done"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), live)
         .await
-        .context("no welcome in 30 s")?
-        .context("reading welcome")?;
-    if first_frame.is_none() {
-        bail!("stream ended before the welcome");
-    }
+        .context("not live within 60 s")??;
     Ok(OpenStream {
         _chat: chat,
         inbound,

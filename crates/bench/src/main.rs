@@ -530,7 +530,7 @@ fn print_idle(report: &idle::IdleReport, json: bool) -> anyhow::Result<()> {
         return print_json(report);
     }
     println!(
-        "idle: {} of {} devices connected ({} failed, {} down at the end, {} reconnects) in {:.1} s, open files limit {}",
+        "idle: {} of {} devices connected and live ({} failed, {} down at the end, {} reconnects) in {:.1} s, open files limit {}",
         report.connected,
         report.devices,
         report.failed,

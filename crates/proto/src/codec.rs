@@ -3,8 +3,8 @@
 //! tonic allocates a codec buffer of `buffer_size` per direction for every call and every
 //! stream up front, 8 KiB by default: 16 KiB held by each connected device's chat stream
 //! for as long as it stays connected, and allocated and freed by every internal call. Chat
-//! frames and internal requests are a few hundred bytes, so these buffers start at 1 KiB;
-//! a larger message grows its buffer as needed (decoding reserves exactly the frame).
+//! frames and internal requests are a few hundred bytes, so these buffers start at 256
+//! bytes; a larger message grows its buffer as needed (decoding reserves exactly the frame).
 
 use std::marker::PhantomData;
 
@@ -12,11 +12,11 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Initial codec buffer per direction.
-const BUFFER_SIZE: usize = 1024;
+const BUFFER_SIZE: usize = 256;
 /// tonic's default: how much a streaming response batches into one write at most.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// `tonic_prost::ProstCodec` with 1 KiB initial buffers.
+/// `tonic_prost::ProstCodec` with 256-byte initial buffers.
 #[derive(Debug, Clone, Copy)]
 pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
 

@@ -1,8 +1,8 @@
 //! `bluetick.gateway.v1.Chat`: one bidirectional stream per device.
 //!
 //! A session runs three parts:
-//! - the reader (this task): takes frames from the device, answers heartbeats, checks
-//!   the heartbeat deadline, and hands sends and receipts to
+//! - the reader (this task): takes frames from the device, notes its activity (the
+//!   heartbeat reporter ends sessions that stay silent), and hands sends and receipts to
 //! - the ops worker: calls messaging and ack one frame at a time, so a device's sends are
 //!   accepted in the order it sent them. Each send and acknowledgement starts its own trace
 //!   (a root `chat.send` / `chat.ack` span opened when the frame is read, carried with the
@@ -94,34 +94,59 @@ impl Chat for ChatService {
 
 /// The frames of a session, ending with the session's termination status if it was ended
 /// by the server (slow device, missed heartbeats, replaced, shutdown).
+///
+/// A plain struct rather than a stream combinator over an async block: every connected
+/// device holds one, and this one is a few words instead of a kilobyte of future state.
+struct SessionFrames {
+    receiver: mpsc::Receiver<Box<ServerFrame>>,
+    cancelled: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    handle: Arc<SessionHandle>,
+    done: bool,
+}
+
 fn response_stream(
-    receiver: mpsc::Receiver<ServerFrame>,
+    receiver: mpsc::Receiver<Box<ServerFrame>>,
     handle: Arc<SessionHandle>,
 ) -> FrameStream {
-    let cancel = handle.cancel.clone();
-    Box::pin(futures::stream::unfold(
-        (receiver, cancel, handle, false),
-        |(mut receiver, cancel, handle, done)| async move {
-            if done {
-                return None;
-            }
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => {
-                    let status = handle
-                        .termination
-                        .lock()
-                        .unwrap_or_else(|poison| poison.into_inner())
-                        .take()
-                        .unwrap_or_else(|| Status::unavailable("gateway is shutting down, reconnect"));
-                    Some((Err(status), (receiver, cancel, handle, true)))
-                }
-                frame = receiver.recv() => {
-                    frame.map(|frame| (Ok(frame), (receiver, cancel, handle, false)))
-                }
-            }
-        },
-    ))
+    Box::pin(SessionFrames {
+        receiver,
+        cancelled: Box::pin(handle.cancel.clone().cancelled_owned()),
+        handle,
+        done: false,
+    })
+}
+
+impl Stream for SessionFrames {
+    type Item = Result<ServerFrame, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // The end of the session first: a terminated device gets its status, not more
+        // of a queue it was too slow for.
+        if this.cancelled.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            let status = this
+                .handle
+                .termination
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .take()
+                .unwrap_or_else(|| Status::unavailable("gateway is shutting down, reconnect"));
+            return Poll::Ready(Some(Err(status)));
+        }
+        this.receiver
+            .poll_recv(cx)
+            .map(|frame| frame.map(|frame| Ok(*frame)))
+    }
 }
 
 /// Work the reader hands to the ops worker, with the span (trace) it runs in.
@@ -143,33 +168,38 @@ async fn run_session(
         heartbeat_interval_ms: gateway.config.heartbeat_interval.as_millis() as u32,
         max_payload_bytes: gateway.config.max_payload_bytes as u32,
     }));
-    if handle.outbound.send(welcome).await.is_err() {
+    if handle.outbound.send(welcome.into()).await.is_err() {
         gateway.sessions.remove(&device, handle.session_id);
         return;
     }
 
     let mut ops = OpsLanes::default();
-    let sync = tokio::spawn(sync_backlog(gateway.clone(), handle.clone()));
+    // Not joined: a finished task's memory is freed only once its JoinHandle is gone, and
+    // the session would hold it for as long as the device stays connected.
+    tokio::spawn({
+        let (gateway, handle) = (gateway.clone(), handle.clone());
+        async move {
+            tokio::select! {
+                biased;
+                _ = handle.cancel.cancelled() => {}
+                // The response stream is gone: the device disconnected.
+                _ = handle.outbound.closed() => {}
+                _ = sync_backlog(gateway.clone(), handle.clone()) => {}
+            }
+        }
+    });
     let mut watch: Option<tokio::task::JoinHandle<()>> = None;
 
-    let interval = gateway.config.heartbeat_interval;
-    let deadline_ms = (interval * gateway.config.missed_beats).as_millis() as u64;
-    let mut watchdog = tokio::time::interval(interval);
+    // Missed heartbeats end the session from the heartbeat reporter's sweep.
     loop {
         tokio::select! {
             _ = handle.cancel.cancelled() => break,
-            _ = watchdog.tick() => {
-                let silent_ms = now_ms().saturating_sub(
-                    handle.last_activity_ms.load(std::sync::atomic::Ordering::Relaxed),
-                );
-                if silent_ms > deadline_ms {
-                    handle.terminate(Status::deadline_exceeded("missed heartbeats"));
-                    break;
-                }
-            }
             frame = inbound.message() => match frame {
                 Ok(Some(frame)) => {
                     handle.touch();
+                    if matches!(frame.frame, Some(ClientFrameBody::Heartbeat(_))) {
+                        continue;
+                    }
                     // Boxed: the session's own future stays small while it waits.
                     if !Box::pin(handle_frame(&gateway, &handle, frame, &mut ops, &mut watch)).await {
                         break;
@@ -185,7 +215,6 @@ async fn run_session(
     }
 
     let workers: Vec<_> = ops.close().collect();
-    sync.abort();
     if let Some(watch) = watch {
         watch.abort();
     }
@@ -342,7 +371,7 @@ fn with_batch_deadline<T>(message: T) -> Request<T> {
 async fn send_frame(handle: &SessionHandle, frame: ServerFrame) {
     tokio::select! {
         _ = handle.cancel.cancelled() => {}
-        _ = handle.outbound.send(frame) => {}
+        _ = handle.outbound.send(frame.into()) => {}
     }
 }
 
@@ -737,8 +766,8 @@ async fn handle_confirm(
 
 /// Attaches the device with presence, sends its backlog and stored receipts, then goes live.
 async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
-    // Held until the device is live; released if the session ends first (the task is
-    // aborted). Never closed, so an error cannot happen.
+    // Held until the device is live; released if the session ends first (this future is
+    // dropped). Never closed, so an error cannot happen.
     let Ok(_sync_permit) = gateway.syncs.acquire().await else {
         return;
     };
@@ -784,7 +813,7 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
             sent_in_backlog.insert(message.message_id);
             if handle
                 .outbound
-                .send(ServerFrame::of(Frame::Message(message)))
+                .send(ServerFrame::of(Frame::Message(message)).into())
                 .await
                 .is_err()
             {
@@ -820,7 +849,7 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
             receipts_sent += 1;
             if handle
                 .outbound
-                .send(ServerFrame::of(Frame::Receipt(receipt)))
+                .send(ServerFrame::of(Frame::Receipt(receipt)).into())
                 .await
                 .is_err()
             {
@@ -835,7 +864,7 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
         messages: sent_in_backlog.len() as u32,
         receipts: receipts_sent,
     }));
-    if handle.outbound.send(done).await.is_err() {
+    if handle.outbound.send(done.into()).await.is_err() {
         return;
     }
     gateway.sessions.go_live(&handle, &sent_in_backlog).await;
@@ -919,10 +948,13 @@ async fn forward_presence(
 /// Pause before a broken presence watch is opened again.
 const WATCH_REOPEN_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Reports the sessions that showed activity to presence every heartbeat interval, so
-/// presence keeps their routes and last seen fresh.
+/// Every heartbeat interval: ends the sessions silent for `missed_beats` intervals, and
+/// reports those that showed activity to presence, so presence keeps their routes and last
+/// seen fresh.
 pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(gateway.config.heartbeat_interval);
+    let interval = gateway.config.heartbeat_interval;
+    let deadline_ms = (interval * gateway.config.missed_beats).as_millis() as u64;
+    let mut tick = tokio::time::interval(interval);
     let mut last_report_ms = 0;
     loop {
         tokio::select! {
@@ -930,9 +962,10 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
             _ = tick.tick() => {}
         }
         let now = now_ms();
+        let silent_before_ms = now.saturating_sub(deadline_ms);
         let sessions: Vec<SessionRef> = gateway
             .sessions
-            .snapshot()
+            .sweep(silent_before_ms)
             .into_iter()
             .filter(|(_, _, last_activity)| *last_activity >= last_report_ms)
             .map(|(device, session_id, last_activity_ms)| SessionRef {
