@@ -1,4 +1,4 @@
-//! Bad input gets a precise status and harms no one else.
+//! Bad input gets a precise status and harms no one else; raw streams start and end cleanly.
 
 #![allow(clippy::unwrap_used)]
 
@@ -288,4 +288,57 @@ async fn per_device_sends_must_match_the_recipients_devices() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// A device that half-closes its stream (what the SDK's graceful close does) gets the
+/// replies to what it sent before closing, then the end of the response stream with OK,
+/// and goes offline; the stream is not left open until the client gives up on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_stream_gets_its_replies_then_ends_with_ok() {
+    let cluster = TestCluster::start().await;
+    let alice = cluster.user("alice").await;
+    let bob = cluster.user("bob").await;
+    let (alice_client, _alice_chat, _alice_events) = cluster.connect(&alice).await;
+    let (bob_tx, mut bob_rx) = raw_open(
+        &cluster.endpoints.gateway,
+        Some(&format!("Bearer {}", bob.token)),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(next_frame(&mut bob_rx).await, Frame::Welcome(_)));
+    assert!(matches!(
+        next_frame(&mut bob_rx).await,
+        Frame::BacklogDone(_)
+    ));
+
+    bob_tx
+        .send(ClientFrame {
+            frame: Some(ClientBody::Send(SendMessage {
+                client_msg_id: "last-words".into(),
+                recipient_user_id: alice.user_id.clone(),
+                payloads: vec![DevicePayload {
+                    device_id: 0,
+                    payload: Content::text("bye").encode(),
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    drop(bob_tx);
+
+    match next_frame(&mut bob_rx).await {
+        Frame::SendAccepted(accepted) => assert_eq!(accepted.client_msg_id, "last-words"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let end = tokio::time::timeout(WAIT, bob_rx.message())
+        .await
+        .expect("the response stream stayed open after the half-close");
+    assert!(matches!(end, Ok(None)), "stream ended with {end:?}");
+    assert!(
+        bluetick_tests::eventually(WAIT, || async {
+            !alice_client.last_seen(&bob.user_id).await.unwrap().online
+        })
+        .await,
+        "bob still online after closing"
+    );
 }

@@ -133,12 +133,25 @@ impl Stream for SessionFrames {
         // The end of the session first: a terminated device gets its status, not more
         // of a queue it was too slow for.
         if this.cancelled.as_mut().poll(cx).is_ready() {
-            this.done = true;
-            let status = this
+            let mut termination = this
                 .handle
                 .termination
                 .lock()
-                .unwrap_or_else(|poison| poison.into_inner())
+                .unwrap_or_else(|poison| poison.into_inner());
+            // A session that finished normally (`SessionHandle::finish`) sends what is
+            // queued, then ends the stream with OK.
+            if termination
+                .as_ref()
+                .is_some_and(|status| status.code() == Code::Ok)
+            {
+                if let Ok(frame) = this.receiver.try_recv() {
+                    return Poll::Ready(Some(Ok(*frame)));
+                }
+                this.done = true;
+                return Poll::Ready(None);
+            }
+            this.done = true;
+            let status = termination
                 .take()
                 .unwrap_or_else(|| Status::unavailable("gateway is shutting down, reconnect"));
             return Poll::Ready(Some(Err(status)));
@@ -222,6 +235,9 @@ async fn run_session(
     for worker in workers {
         let _ = worker.await;
     }
+    // Then end the response stream after their replies (a device that half-closed, as the
+    // SDK's graceful close does, waits for this end).
+    handle.finish();
     gateway.sessions.remove(&device, handle.session_id);
     let detach = DetachRequest {
         device: Some(device.clone()),

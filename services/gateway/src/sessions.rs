@@ -49,6 +49,13 @@ impl SessionHandle {
         self.cancel.cancel();
     }
 
+    /// Ends the response stream normally once the frames queued for the device are sent:
+    /// the device closed its side (or its side failed) and nothing more will be queued by
+    /// the session. Frames pushed meanwhile by other services are redelivered later.
+    pub(crate) fn finish(&self) {
+        self.terminate(Status::ok("session closed"));
+    }
+
     pub(crate) fn touch(&self) {
         self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
     }
