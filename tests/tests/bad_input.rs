@@ -39,6 +39,37 @@ async fn raw_open(
     Ok((sender, response.into_inner()))
 }
 
+/// Opens a raw chat stream with `token` and reads it up to the device being live: the
+/// welcome, then the end of its (empty) backlog.
+async fn raw_open_live(
+    gateway: &str,
+    token: &str,
+) -> (mpsc::Sender<ClientFrame>, tonic::Streaming<ServerFrame>) {
+    let (sender, mut stream) = raw_open(gateway, Some(&format!("Bearer {token}")))
+        .await
+        .unwrap();
+    assert!(matches!(next_frame(&mut stream).await, Frame::Welcome(_)));
+    assert!(matches!(
+        next_frame(&mut stream).await,
+        Frame::BacklogDone(_)
+    ));
+    (sender, stream)
+}
+
+/// A send of `text` to every device of `recipient_user_id`.
+fn text_send(client_msg_id: &str, recipient_user_id: &str, text: &str) -> ClientFrame {
+    ClientFrame {
+        frame: Some(ClientBody::Send(SendMessage {
+            client_msg_id: client_msg_id.into(),
+            recipient_user_id: recipient_user_id.into(),
+            payloads: vec![DevicePayload {
+                device_id: 0,
+                payload: Content::text(text).encode(),
+            }],
+        })),
+    }
+}
+
 async fn next_frame(stream: &mut tonic::Streaming<ServerFrame>) -> Frame {
     tokio::time::timeout(WAIT, stream.message())
         .await
@@ -152,17 +183,7 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
     );
 
     // A raw stream of carol's: an empty frame, then a foreign ack, then a valid send.
-    let (carol_tx, mut carol_rx) = raw_open(
-        &cluster.endpoints.gateway,
-        Some(&format!("Bearer {}", carol.token)),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(next_frame(&mut carol_rx).await, Frame::Welcome(_)));
-    assert!(matches!(
-        next_frame(&mut carol_rx).await,
-        Frame::BacklogDone(_)
-    ));
+    let (carol_tx, mut carol_rx) = raw_open_live(&cluster.endpoints.gateway, &carol.token).await;
     carol_tx.send(ClientFrame { frame: None }).await.unwrap();
     match next_frame(&mut carol_rx).await {
         Frame::Error(error) => assert_eq!(error.code, Code::InvalidArgument as i32),
@@ -195,16 +216,7 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
     );
     // The stream is still open: carol can send, and bob sees carol as the sender.
     carol_tx
-        .send(ClientFrame {
-            frame: Some(ClientBody::Send(SendMessage {
-                client_msg_id: "carol-1".into(),
-                recipient_user_id: bob.user_id.clone(),
-                payloads: vec![DevicePayload {
-                    device_id: 0,
-                    payload: Content::text("from carol").encode(),
-                }],
-            })),
-        })
+        .send(text_send("carol-1", &bob.user_id, "from carol"))
         .await
         .unwrap();
     match next_frame(&mut carol_rx).await {
@@ -299,29 +311,10 @@ async fn a_half_closed_stream_gets_its_replies_then_ends_with_ok() {
     let alice = cluster.user("alice").await;
     let bob = cluster.user("bob").await;
     let (alice_client, _alice_chat, _alice_events) = cluster.connect(&alice).await;
-    let (bob_tx, mut bob_rx) = raw_open(
-        &cluster.endpoints.gateway,
-        Some(&format!("Bearer {}", bob.token)),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(next_frame(&mut bob_rx).await, Frame::Welcome(_)));
-    assert!(matches!(
-        next_frame(&mut bob_rx).await,
-        Frame::BacklogDone(_)
-    ));
+    let (bob_tx, mut bob_rx) = raw_open_live(&cluster.endpoints.gateway, &bob.token).await;
 
     bob_tx
-        .send(ClientFrame {
-            frame: Some(ClientBody::Send(SendMessage {
-                client_msg_id: "last-words".into(),
-                recipient_user_id: alice.user_id.clone(),
-                payloads: vec![DevicePayload {
-                    device_id: 0,
-                    payload: Content::text("bye").encode(),
-                }],
-            })),
-        })
+        .send(text_send("last-words", &alice.user_id, "bye"))
         .await
         .unwrap();
     drop(bob_tx);

@@ -188,16 +188,15 @@ async fn run_session(
 
     let mut ops = OpsLanes::default();
     // Not joined: a finished task's memory is freed only once its JoinHandle is gone, and
-    // the session would hold it for as long as the device stays connected.
+    // the session would hold it for as long as the device stays connected. It stops when
+    // the session ends, however it ends (`finish` below or `terminate`: both cancel).
     tokio::spawn({
         let (gateway, handle) = (gateway.clone(), handle.clone());
         async move {
             tokio::select! {
                 biased;
                 _ = handle.cancel.cancelled() => {}
-                // The response stream is gone: the device disconnected.
-                _ = handle.outbound.closed() => {}
-                _ = sync_backlog(gateway.clone(), handle.clone()) => {}
+                _ = sync_backlog(gateway, handle.clone()) => {}
             }
         }
     });
