@@ -99,7 +99,8 @@ async fn one_message_is_one_trace_across_services_and_moves_the_metrics() {
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .build();
-    let _telemetry = bluetick_common::telemetry::init_tracing_with_provider(false, Some(provider));
+    let _telemetry =
+        bluetick_common::telemetry::init_tracing_with_provider(Default::default(), Some(provider));
 
     let cluster = TestCluster::start_with(|config| config.metrics_port = Some(0)).await;
     let metrics_url = cluster.endpoints.metrics.clone().unwrap();

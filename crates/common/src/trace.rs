@@ -189,6 +189,9 @@ fn server_span<B>(request: &http::Request<B>) -> Span {
         rpc.service = %service,
         rpc.method = %method,
     );
+    if span.is_disabled() {
+        return span;
+    }
     let parent = extract(request.headers());
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);

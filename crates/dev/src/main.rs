@@ -58,23 +58,22 @@ struct Args {
     /// Largest media upload in bytes.
     #[arg(long, env = "BLUETICK_MAX_UPLOAD_BYTES", default_value_t = 100 * 1024 * 1024)]
     max_upload_bytes: u64,
-    /// Log JSON lines.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics of every service on this port at `/metrics` (off when
     /// unset; 0 picks a free port, see --endpoints-file).
     #[arg(long, env = "BLUETICK_METRICS_PORT")]
     metrics_port: Option<u16>,
     /// Internal calls between the services go over loopback TCP (HTTP/2) like between
     /// separate processes, instead of in-process through the same gRPC stacks.
-    #[arg(long, env = "BLUETICK_INTERNAL_OVER_TCP")]
+    #[arg(long, env = "BLUETICK_INTERNAL_OVER_TCP", value_parser = clap::builder::BoolishValueParser::new())]
     internal_over_tcp: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-dev", args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-dev", args.log);
     match bluetick_common::limits::raise_open_files_limit() {
         Ok(open_files) => tracing::debug!(open_files, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),

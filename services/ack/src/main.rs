@@ -23,9 +23,8 @@ struct Args {
     /// This instance's id (0-1023), unique among ack instances.
     #[arg(long, env = "BLUETICK_NODE_ID", default_value_t = 0)]
     node_id: u16,
-    /// Log JSON lines.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
     #[arg(long, env = "BLUETICK_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -34,7 +33,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-ack", args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-ack", args.log);
     let mut config = AckConfig::new(args.store, args.presence_url);
     config.node_id = args.node_id;
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;

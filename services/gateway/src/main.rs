@@ -56,9 +56,8 @@ struct Args {
     /// Largest payload per device in bytes.
     #[arg(long, env = "BLUETICK_MAX_PAYLOAD_BYTES", default_value_t = 65_536)]
     max_payload_bytes: usize,
-    /// Log JSON lines.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
     #[arg(long, env = "BLUETICK_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -67,7 +66,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-gateway", args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-gateway", args.log);
     match bluetick_common::limits::raise_open_files_limit() {
         Ok(open_files) => tracing::debug!(open_files, "open files limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit"),

@@ -31,9 +31,8 @@ struct Args {
     /// Seconds an accepted upload token is trusted without asking the gateway again.
     #[arg(long, env = "BLUETICK_MEDIA_AUTH_CACHE_TTL_SECS", default_value_t = 30)]
     auth_cache_ttl_secs: u64,
-    /// Log JSON lines instead of plain text.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
     #[arg(long, env = "BLUETICK_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -42,7 +41,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = init_tracing("bluetick-media", args.log_json);
+    let _telemetry = init_tracing("bluetick-media", args.log);
     let config = MediaConfig {
         blob_url: args.blobs,
         gateway_url: args.gateway_url,

@@ -42,9 +42,8 @@ struct Args {
     /// This instance's id (0-1023), unique among messaging instances.
     #[arg(long, env = "BLUETICK_NODE_ID", default_value_t = 0)]
     node_id: u16,
-    /// Log JSON lines.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
     #[arg(long, env = "BLUETICK_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -53,7 +52,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-messaging", args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-messaging", args.log);
     let mut config = MessagingConfig::new(args.store, args.ack_url, args.presence_url);
     config.message_ttl = Duration::from_secs(args.message_ttl_days * 24 * 3600);
     config.max_payload_bytes = args.max_payload_bytes;

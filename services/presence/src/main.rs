@@ -26,9 +26,8 @@ struct Args {
     /// heartbeats: set it (e.g. to two heartbeat intervals) when running several replicas.
     #[arg(long, env = "BLUETICK_PRESENCE_WARM_UP_MS", default_value_t = 0)]
     warm_up_ms: u64,
-    /// Log JSON lines.
-    #[arg(long, env = "BLUETICK_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: bluetick_common::telemetry::LogArgs,
     /// Serve Prometheus metrics on `http://<address>/metrics` (off when unset).
     #[arg(long, env = "BLUETICK_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -37,7 +36,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-presence", args.log_json);
+    let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-presence", args.log);
     let mut config = PresenceConfig::new(args.store);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.warm_up = Duration::from_millis(args.warm_up_ms);
