@@ -335,3 +335,72 @@ async fn a_half_closed_stream_gets_its_replies_then_ends_with_ok() {
         "bob still online after closing"
     );
 }
+
+/// Messaging records a whole accepted batch with ack in one `RecordSent`: every message of it
+/// is recorded, a repeat is harmless, and a bad entry refuses the call naming its index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_sent_records_a_whole_batch_and_names_a_bad_entry() {
+    use bluetick_proto::ack::v1::ack_client::AckClient;
+    use bluetick_proto::ack::v1::{GetStatusRequest, RecordSentRequest, SentMessage};
+    use bluetick_proto::common::v1::DeviceAddress as WireDevice;
+
+    let mut cluster = TestCluster::start().await;
+    let mut ack = AckClient::connect(cluster.endpoints.ack.clone())
+        .await
+        .unwrap();
+    let sender = WireDevice {
+        user_id: "batch-sender".into(),
+        device_id: 1,
+    };
+    let message = |message_id: u64| SentMessage {
+        message_id,
+        sender: Some(sender.clone()),
+        recipient_user_id: "batch-recipient".into(),
+        recipient_device_ids: vec![1, 2],
+        sent_at_ms: bluetick_tests::now_ms(),
+    };
+    let batch: Vec<SentMessage> = (101..=103).map(message).collect();
+    for _ in 0..2 {
+        ack.record_sent(RecordSentRequest {
+            messages: batch.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    let ticks = ack
+        .get_status(GetStatusRequest {
+            sender: Some(sender.clone()),
+            message_ids: vec![101, 102, 103],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticks;
+    let mut recorded: Vec<(u64, u32, i32)> = ticks
+        .iter()
+        .map(|tick| (tick.message_id, tick.recipient_device_id, tick.status))
+        .collect();
+    recorded.sort_unstable();
+    let sent = TickStatus::Sent as i32;
+    let expected: Vec<(u64, u32, i32)> = (101..=103)
+        .flat_map(|id| [(id, 1, sent), (id, 2, sent)])
+        .collect();
+    assert_eq!(recorded, expected, "every message of the batch, once");
+
+    let mut bad = message(105);
+    bad.recipient_device_ids.clear();
+    let status = ack
+        .record_sent(RecordSentRequest {
+            messages: vec![message(104), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("messages[1]"), "{status:?}");
+    let status = ack
+        .record_sent(RecordSentRequest { messages: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    cluster.stop().await;
+}

@@ -149,25 +149,39 @@ impl Ack for AckService {
         &self,
         request: Request<RecordSentRequest>,
     ) -> Result<Response<RecordSentResponse>, Status> {
-        let request = request.into_inner();
-        let sender = required_device(request.sender, "sender")?;
-        if request.message_id == 0 || request.recipient_device_ids.is_empty() {
-            return Err(Status::invalid_argument(
-                "message_id and recipient_device_ids are required",
-            ));
+        let messages = request.into_inner().messages;
+        if messages.is_empty() || messages.len() > MAX_IDS {
+            return Err(Status::invalid_argument(format!(
+                "between 1 and {MAX_IDS} messages per call"
+            )));
         }
-        time_store(
-            "ticks.record_sent",
-            self.inner.ticks.record_sent(SentRecord {
-                message_id: request.message_id,
+        let mut records = Vec::with_capacity(messages.len());
+        for (index, message) in messages.into_iter().enumerate() {
+            let sender = required_device(message.sender, "sender").map_err(|status| {
+                Status::invalid_argument(format!("messages[{index}]: {}", status.message()))
+            })?;
+            if message.message_id == 0 || message.recipient_device_ids.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "messages[{index}]: message_id and recipient_device_ids are required"
+                )));
+            }
+            records.push(SentRecord {
+                message_id: message.message_id,
                 sender,
-                recipient_user_id: request.recipient_user_id,
-                recipient_device_ids: request.recipient_device_ids,
-                sent_at_ms: request.sent_at_ms,
-                expires_at_ms: request.sent_at_ms + RECORD_TTL.as_millis() as u64,
-            }),
-        )
-        .await?;
+                recipient_user_id: message.recipient_user_id,
+                recipient_device_ids: message.recipient_device_ids,
+                sent_at_ms: message.sent_at_ms,
+                expires_at_ms: message.sent_at_ms + RECORD_TTL.as_millis() as u64,
+            });
+        }
+        // Concurrently: the embedded store writes them all in one group commit, CQL in
+        // parallel statements.
+        let recorded =
+            futures::future::join_all(records.into_iter().map(|record| {
+                time_store("ticks.record_sent", self.inner.ticks.record_sent(record))
+            }))
+            .await;
+        recorded.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(Response::new(RecordSentResponse {}))
     }
 

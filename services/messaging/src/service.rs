@@ -8,8 +8,8 @@ use bluetick_common::metrics::{metrics, time_store};
 use bluetick_common::now_ms;
 use bluetick_common::push::GatewayPusher;
 use bluetick_common::trace::{TracedChannel, traced};
-use bluetick_proto::ack::v1::RecordSentRequest;
 use bluetick_proto::ack::v1::ack_client::AckClient;
+use bluetick_proto::ack::v1::{RecordSentRequest, SentMessage};
 use bluetick_proto::common::v1::{DeviceAddress, InboundMessage, TickStatus};
 use bluetick_proto::gateway::v1::{Delivery, ServerFrame, server_frame::Frame};
 use bluetick_proto::messaging::v1::messaging_server::Messaging;
@@ -158,7 +158,7 @@ impl Inner {
             message_id: u64,
             sent_at_ms: u64,
         }
-        let sent = |prepared: &Prepared, message_id, sent_at_ms| RecordSentRequest {
+        let sent = |prepared: &Prepared, message_id, sent_at_ms| SentMessage {
             message_id,
             sender: Some(prepared.sender.clone()),
             recipient_user_id: prepared.recipient_user_id.clone(),
@@ -217,17 +217,18 @@ impl Inner {
             .collect();
         recipients.sort_unstable();
         recipients.dedup();
-        let (outcomes, recorded) = tokio::join!(
+        let (outcomes, recorded_all) = tokio::join!(
             futures::future::join_all(
                 records
                     .into_iter()
                     .map(|record| time_store("inbox.accept", self.inbox.accept(record)))
             ),
-            futures::future::join_all(valid.iter().map(|prepared| self.record_sent(sent(
-                prepared,
-                prepared.message_id,
-                prepared.sent_at_ms
-            )))),
+            self.record_sent(
+                valid
+                    .iter()
+                    .map(|prepared| sent(prepared, prepared.message_id, prepared.sent_at_ms))
+                    .collect()
+            ),
         );
         // Only now, with the messages stored, ask where the recipients are. A device that
         // reconnects attaches with presence before it reads its backlog: either this lookup
@@ -238,9 +239,8 @@ impl Inner {
 
         let mut handed_over = Vec::new();
         let mut accepted = Vec::with_capacity(valid.len());
-        for (((prepared, outcome), mut recorded), envelopes) in
-            valid.iter().zip(outcomes).zip(recorded).zip(envelopes)
-        {
+        for ((prepared, outcome), envelopes) in valid.iter().zip(outcomes).zip(envelopes) {
+            let mut recorded = recorded_all.clone();
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(error) => {
@@ -261,7 +261,7 @@ impl Inner {
                     // Recorded again under the first id: harmless, and repairs a crash
                     // between the two writes of the first attempt.
                     recorded = self
-                        .record_sent(sent(prepared, message_id, sent_at_ms))
+                        .record_sent(vec![sent(prepared, message_id, sent_at_ms)])
                         .await;
                     (message_id, sent_at_ms, true)
                 }
@@ -320,11 +320,14 @@ impl Inner {
             .collect()
     }
 
-    /// Tells ack about an accepted message.
-    async fn record_sent(&self, request: RecordSentRequest) -> Result<(), Status> {
+    /// Tells ack about accepted messages, all in one call.
+    async fn record_sent(&self, messages: Vec<SentMessage>) -> Result<(), Status> {
+        if messages.is_empty() {
+            return Ok(());
+        }
         self.ack
             .clone()
-            .record_sent(with_deadline(request))
+            .record_sent(with_deadline(RecordSentRequest { messages }))
             .await
             .map(|_| ())
     }
