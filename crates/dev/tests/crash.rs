@@ -184,3 +184,76 @@ async fn sigterm_stops_cleanly_and_stored_messages_survive() {
     let message = bob_events.next_message(WAIT).await.unwrap();
     assert_eq!(message.message_id, message_id);
 }
+
+/// Marking messages delivered and confirming receipts are lazy writes (no fsync of their
+/// own), made durable as soon as the store's writer goes idle: a SIGKILL a moment after a
+/// conversation neither sends the messages again nor the receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_writes_are_durable_once_the_store_is_idle() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut process, endpoints) = start(data.path(), None);
+    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
+    let media = endpoints["media"].as_str().unwrap().to_string();
+    let alice = register(&gateway, &media, "alice", "Alice").await.unwrap();
+    let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
+    let (alice_chat, mut alice_events) = BluetickClient::new(alice.clone())
+        .unwrap()
+        .open_chat(ChatConfig::default())
+        .await
+        .unwrap();
+    let (_bob_chat, mut bob_events) = BluetickClient::new(bob.clone())
+        .unwrap()
+        .open_chat(ChatConfig::default())
+        .await
+        .unwrap();
+    for events in [&mut alice_events, &mut bob_events] {
+        events
+            .next_event_matching(|event| matches!(event, ChatEvent::BacklogDone { .. }), WAIT)
+            .await
+            .unwrap();
+    }
+    const TOTAL: usize = 20;
+    for index in 0..TOTAL {
+        alice_chat
+            .send_content(&bob.user_id, &Content::text(format!("m{index}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..TOTAL {
+        bob_events.next_message(WAIT).await.unwrap();
+    }
+    for _ in 0..TOTAL {
+        alice_events
+            .next_event_matching(|event| matches!(event, ChatEvent::Receipt { .. }), WAIT)
+            .await
+            .unwrap();
+    }
+    // Let the settle and the receipt confirmations arrive and the writers go idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    process.child.kill().unwrap();
+    process.child.wait().unwrap();
+
+    let (_process, _) = start(data.path(), Some(&endpoints));
+    let backlog = |event: &ChatEvent| match event {
+        ChatEvent::BacklogDone { messages, receipts } => Some((*messages, *receipts)),
+        _ => None,
+    };
+    let bob_backlog = bob_events
+        .next_event_matching(|event| backlog(event).is_some(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        backlog(&bob_backlog),
+        Some((0, 0)),
+        "bob got messages again"
+    );
+    let alice_backlog = alice_events
+        .next_event_matching(|event| backlog(event).is_some(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        backlog(&alice_backlog),
+        Some((0, 0)),
+        "alice got receipts again"
+    );
+}

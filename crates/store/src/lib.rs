@@ -8,7 +8,11 @@
 //! | [`PresenceStore`] | presence | last seen per user, last-seen privacy and contacts |
 //!
 //! Every method that returns `Ok` after a write has made it durable (fsync / group commit in
-//! the embedded store, a QUORUM-class write in CQL). Implementations: [`embedded`] (redb
+//! the embedded store, a QUORUM-class write in CQL), with two exceptions whose loss in a
+//! crash only repeats work, so the embedded store answers them once visible and makes them
+//! durable with its next commit: [`InboxStore::mark_delivered`] (the messages are pending
+//! again and devices drop the copies by id) and [`TickStore::confirm_receipts`] (the
+//! receipts are sent again and change nothing). Implementations: [`embedded`] (redb
 //! files in one directory, the default) and [`cql`] (Cassandra / ScyllaDB). The [`conformance`] suite (feature
 //! `testsuite`) is run against each.
 
@@ -212,7 +216,7 @@ pub trait InboxStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> StoreResult<Vec<StoredMessage>>;
 
     /// Marks messages as delivered to `device`: no longer pending, still stored until read.
-    /// Unknown ids are ignored.
+    /// Unknown ids are ignored. May be lost in a crash (see the crate documentation).
     async fn mark_delivered(&self, device: &DeviceAddress, message_ids: &[u64]) -> StoreResult<()>;
 
     /// Deletes messages from `device`'s inbox (they were read). Unknown ids are ignored.
@@ -298,7 +302,8 @@ pub trait TickStore: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> StoreResult<Vec<StoredReceipt>>;
 
-    /// Forgets receipts `sender` has processed. Unknown ids are ignored.
+    /// Forgets receipts `sender` has processed. Unknown ids are ignored. May be lost in a
+    /// crash (see the crate documentation).
     async fn confirm_receipts(
         &self,
         sender: &DeviceAddress,

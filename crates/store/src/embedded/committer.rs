@@ -6,6 +6,15 @@
 //! the other in one write transaction and commits it once, durably. Only then is each caller
 //! released, with its own result: a single tick never precedes the fsync.
 //!
+//! A few writes only save repeating work when they survive a crash: a message marked
+//! delivered (lost, it is pending again and the device drops the copy by id) and receipts
+//! a sender confirmed (lost, they are sent again and change nothing). Those are
+//! [`submit_lazy`](GroupCommitter::submit_lazy): a batch of nothing but lazy jobs commits
+//! without an fsync (`Durability::None`; its changes are visible at once), and the next
+//! durable commit makes it durable too. The writer makes one as soon as its queue is empty,
+//! so a lazy write is on disk within one commit of the writer going idle, and always when
+//! the store closes.
+//!
 //! Job contract: a job that refuses its input ([`StoreError::NotFound`] or
 //! [`StoreError::AlreadyExists`]) must do so before it writes anything; its refusal goes to
 //! its caller alone and the rest of the batch commits. Any other error (I/O, corrupt data,
@@ -18,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use redb::{Database, Durability, WriteTransaction};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{StoreError, StoreResult};
@@ -35,9 +45,13 @@ trait ErasedJob: Send {
 
     /// Releases the caller once the batch is committed (`Ok`) or failed (`Err`).
     fn finish(self: Box<Self>, batch_result: Result<(), StoreError>);
+
+    /// Whether the caller must wait for the fsync.
+    fn durable(&self) -> bool;
 }
 
 struct TypedJob<T, F> {
+    durable: bool,
     work_opt: Option<F>,
     outcome_opt: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
@@ -75,6 +89,10 @@ where
         };
         // The caller may have gone away (cancelled); its write stands regardless.
         let _ = self.reply.send(result);
+    }
+
+    fn durable(&self) -> bool {
+        self.durable
     }
 }
 
@@ -140,12 +158,35 @@ impl GroupCommitter {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
     {
+        self.submit_with(true, work).await
+    }
+
+    /// Queues `work` like [`submit`](Self::submit) but returns once it is committed and
+    /// visible, possibly before it is durable: only for writes whose loss in a crash just
+    /// repeats work (see the module documentation).
+    ///
+    /// # Errors
+    /// As [`submit`](Self::submit).
+    pub(crate) async fn submit_lazy<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    {
+        self.submit_with(false, work).await
+    }
+
+    async fn submit_with<T, F>(&self, durable: bool, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    {
         let sender = self
             .sender_opt
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("store is closing".to_string()))?;
         let (reply, result) = oneshot::channel();
         let job = Box::new(TypedJob {
+            durable,
             work_opt: Some(work),
             outcome_opt: None,
             reply,
@@ -175,14 +216,41 @@ impl Drop for GroupCommitter {
     }
 }
 
-/// The writer thread: waits for a job, drains the queue into a batch, commits it.
+/// The writer thread: waits for a job, drains the queue into a batch, commits it; makes
+/// lazy commits durable whenever the queue runs empty, and before it stops.
 fn run_writer(
     database: &Database,
     mut receiver: mpsc::Receiver<Box<dyn ErasedJob>>,
     commits: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(MAX_BATCH_JOBS);
-    while let Some(first_job) = receiver.blocking_recv() {
+    // Whether a lazy commit is not durable yet.
+    let mut lazy_pending = false;
+    loop {
+        let first_job = if lazy_pending {
+            match receiver.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Empty) => {
+                    lazy_pending = !make_durable(database, commits);
+                    if lazy_pending {
+                        // Not durable: retry after the next job rather than spin on a
+                        // failing disk.
+                        match receiver.blocking_recv() {
+                            Some(job) => job,
+                            None => break,
+                        }
+                    } else {
+                        continue;
+                    }
+                }
+                Err(TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match receiver.blocking_recv() {
+                Some(job) => job,
+                None => break,
+            }
+        };
         batch.push(first_job);
         while batch.len() < MAX_BATCH_JOBS {
             match receiver.try_recv() {
@@ -190,10 +258,12 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let batch_result = apply_batch(database, &mut batch);
+        let durable = batch.iter().any(|job| job.durable());
+        let batch_result = apply_batch(database, &mut batch, durable);
         match &batch_result {
             Ok(()) => {
                 commits.fetch_add(1, Ordering::Relaxed);
+                lazy_pending = !durable;
             }
             Err(error) => {
                 tracing::warn!(jobs = batch.len(), %error, "store write batch failed");
@@ -203,12 +273,44 @@ fn run_writer(
             job.finish(batch_result.as_ref().map(|_| ()).map_err(duplicate_error));
         }
     }
+    if lazy_pending && !make_durable(database, commits) {
+        tracing::error!("store closed with lazy writes that could not be made durable");
+    }
 }
 
-/// Applies every job of `batch` in one durable write transaction.
-fn apply_batch(database: &Database, batch: &mut [Box<dyn ErasedJob>]) -> StoreResult<()> {
+/// Commits an empty durable transaction, which makes every earlier lazy commit durable.
+/// Returns false (and logs) if that failed.
+fn make_durable(database: &Database, commits: &AtomicU64) -> bool {
+    let result = (|| -> Result<(), redb::Error> {
+        let mut transaction = database.begin_write()?;
+        transaction.set_durability(Durability::Immediate)?;
+        transaction.commit()?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            commits.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "failed to make lazy store writes durable");
+            false
+        }
+    }
+}
+
+/// Applies every job of `batch` in one write transaction, durable if `durable`.
+fn apply_batch(
+    database: &Database,
+    batch: &mut [Box<dyn ErasedJob>],
+    durable: bool,
+) -> StoreResult<()> {
     let mut transaction = database.begin_write()?;
-    transaction.set_durability(Durability::Immediate)?;
+    transaction.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })?;
     for job in batch.iter_mut() {
         if let Err(error) = job.apply(&transaction) {
             if let Err(abort_error) = transaction.abort() {

@@ -253,8 +253,9 @@ impl InboxStore for EmbeddedInboxStore {
             .iter()
             .map(|message_id| codec::device_row_key(device, *message_id))
             .collect();
+        // Lazy: lost in a crash, the messages are pending again and devices drop the copies.
         self.committer
-            .submit(move |transaction| {
+            .submit_lazy(move |transaction| {
                 let mut undelivered = transaction.open_table(UNDELIVERED)?;
                 let mut delivered = transaction.open_table(DELIVERED)?;
                 for key in &keys {
@@ -275,8 +276,9 @@ impl InboxStore for EmbeddedInboxStore {
             .iter()
             .map(|message_id| codec::device_row_key(device, *message_id))
             .collect();
+        // Lazy: lost in a crash, the messages are pending again and devices drop the copies.
         self.committer
-            .submit(move |transaction| {
+            .submit_lazy(move |transaction| {
                 let mut undelivered = transaction.open_table(UNDELIVERED)?;
                 let mut delivered = transaction.open_table(DELIVERED)?;
                 let mut index = transaction.open_table(MESSAGE_EXPIRY)?;

@@ -344,8 +344,9 @@ impl TickStore for EmbeddedTickStore {
             .iter()
             .map(|receipt_id| codec::device_row_key(sender, *receipt_id))
             .collect();
+        // Lazy: lost in a crash, the receipts are sent again and change nothing.
         self.committer
-            .submit(move |transaction| {
+            .submit_lazy(move |transaction| {
                 let mut outbox = transaction.open_table(OUTBOX)?;
                 for key in &keys {
                     outbox.remove(key.as_slice())?;
