@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bluetick_client::{BluetickClient, ChatConfig, ChatEvent, Content, register};
+use bluetick_client::{
+    BluetickClient, ChatConfig, ChatEvent, ChatHandle, Content, Credentials, register,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -74,6 +76,27 @@ fn start(data_dir: &Path, ports: Option<&serde_json::Value>) -> (DevProcess, ser
     }
 }
 
+/// Starts the binary on `data_dir` on ephemeral ports and registers alice and bob.
+async fn start_with_alice_and_bob(
+    data_dir: &Path,
+) -> (DevProcess, serde_json::Value, Credentials, Credentials) {
+    let (process, endpoints) = start(data_dir, None);
+    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
+    let media = endpoints["media"].as_str().unwrap().to_string();
+    let alice = register(&gateway, &media, "alice", "Alice").await.unwrap();
+    let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
+    (process, endpoints, alice, bob)
+}
+
+/// Sends `total` texts "m0000", "m0001", … to `recipient`.
+async fn send_numbered(chat: &ChatHandle, recipient: &str, total: usize) {
+    for index in 0..total {
+        chat.send_content(recipient, &Content::text(format!("m{index:04}")))
+            .await
+            .unwrap();
+    }
+}
+
 fn text_of(payload: &[u8]) -> String {
     match Content::decode(payload).unwrap() {
         Content::Text(text) => text,
@@ -87,22 +110,13 @@ fn text_of(payload: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let data = tempfile::tempdir().unwrap();
-    let (mut process, endpoints) = start(data.path(), None);
-    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
-    let media = endpoints["media"].as_str().unwrap().to_string();
-    let alice = register(&gateway, &media, "alice", "Alice").await.unwrap();
-    let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
+    let (mut process, endpoints, alice, bob) = start_with_alice_and_bob(data.path()).await;
 
     let alice_client = BluetickClient::new(alice.clone()).unwrap();
     let (alice_chat, mut alice_events) =
         alice_client.open_chat(ChatConfig::default()).await.unwrap();
     const TOTAL: usize = 300;
-    for index in 0..TOTAL {
-        alice_chat
-            .send_content(&bob.user_id, &Content::text(format!("m{index:04}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice_chat, &bob.user_id, TOTAL).await;
     // Kill the whole process after the 100th single tick.
     let mut acknowledged = Vec::new();
     while acknowledged.len() < 100 {
@@ -156,11 +170,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_cleanly_and_stored_messages_survive() {
     let data = tempfile::tempdir().unwrap();
-    let (mut process, endpoints) = start(data.path(), None);
-    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
-    let media = endpoints["media"].as_str().unwrap().to_string();
-    let alice = register(&gateway, &media, "alice", "Alice").await.unwrap();
-    let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
+    let (mut process, endpoints, alice, bob) = start_with_alice_and_bob(data.path()).await;
     let (alice_chat, mut alice_events) = BluetickClient::new(alice)
         .unwrap()
         .open_chat(ChatConfig::default())
@@ -191,11 +201,7 @@ async fn sigterm_stops_cleanly_and_stored_messages_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_writes_are_durable_once_the_store_is_idle() {
     let data = tempfile::tempdir().unwrap();
-    let (mut process, endpoints) = start(data.path(), None);
-    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
-    let media = endpoints["media"].as_str().unwrap().to_string();
-    let alice = register(&gateway, &media, "alice", "Alice").await.unwrap();
-    let bob = register(&gateway, &media, "bob", "Bob").await.unwrap();
+    let (mut process, endpoints, alice, bob) = start_with_alice_and_bob(data.path()).await;
     let (alice_chat, mut alice_events) = BluetickClient::new(alice.clone())
         .unwrap()
         .open_chat(ChatConfig::default())
@@ -213,12 +219,7 @@ async fn lazy_writes_are_durable_once_the_store_is_idle() {
             .unwrap();
     }
     const TOTAL: usize = 20;
-    for index in 0..TOTAL {
-        alice_chat
-            .send_content(&bob.user_id, &Content::text(format!("m{index}")))
-            .await
-            .unwrap();
-    }
+    send_numbered(&alice_chat, &bob.user_id, TOTAL).await;
     for _ in 0..TOTAL {
         bob_events.next_message(WAIT).await.unwrap();
     }
@@ -234,26 +235,21 @@ async fn lazy_writes_are_durable_once_the_store_is_idle() {
     process.child.wait().unwrap();
 
     let (_process, _) = start(data.path(), Some(&endpoints));
-    let backlog = |event: &ChatEvent| match event {
-        ChatEvent::BacklogDone { messages, receipts } => Some((*messages, *receipts)),
-        _ => None,
-    };
-    let bob_backlog = bob_events
-        .next_event_matching(|event| backlog(event).is_some(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        backlog(&bob_backlog),
-        Some((0, 0)),
-        "bob got messages again"
-    );
-    let alice_backlog = alice_events
-        .next_event_matching(|event| backlog(event).is_some(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        backlog(&alice_backlog),
-        Some((0, 0)),
-        "alice got receipts again"
-    );
+    // Each session reconnects and reads its backlog: it must be empty.
+    for (events, who) in [(&mut bob_events, "bob"), (&mut alice_events, "alice")] {
+        let backlog = events
+            .next_event_matching(|event| matches!(event, ChatEvent::BacklogDone { .. }), WAIT)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                backlog,
+                ChatEvent::BacklogDone {
+                    messages: 0,
+                    receipts: 0
+                }
+            ),
+            "{who} got messages or receipts again: {backlog:?}"
+        );
+    }
 }
