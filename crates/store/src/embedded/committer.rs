@@ -11,9 +11,9 @@
 //! a sender confirmed (lost, they are sent again and change nothing). Those are
 //! [`submit_lazy`](GroupCommitter::submit_lazy): a batch of nothing but lazy jobs commits
 //! without an fsync (`Durability::None`; its changes are visible at once), and the next
-//! durable commit makes it durable too. The writer makes one as soon as its queue is empty,
-//! so a lazy write is on disk within one commit of the writer going idle, and always when
-//! the store closes.
+//! durable commit makes it durable too. The writer makes one as soon as its queue is empty
+//! or [`MAX_LAZY_DELAY`] after the oldest lazy commit, whichever comes first, and always
+//! when the store closes.
 //!
 //! Job contract: a job that refuses its input ([`StoreError::NotFound`] or
 //! [`StoreError::AlreadyExists`]) must do so before it writes anything; its refusal goes to
@@ -25,6 +25,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -34,6 +35,9 @@ use crate::{StoreError, StoreResult};
 
 /// The most write jobs applied in one transaction (one fsync).
 pub const MAX_BATCH_JOBS: usize = 1024;
+
+/// The longest a lazy commit stays without an fsync while the writer is busy.
+const MAX_LAZY_DELAY: Duration = Duration::from_millis(100);
 
 /// How many write jobs may wait for the writer before submitters wait for room.
 const QUEUE_CAPACITY: usize = 8 * MAX_BATCH_JOBS;
@@ -224,23 +228,23 @@ fn run_writer(
     commits: &AtomicU64,
 ) {
     let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(MAX_BATCH_JOBS);
-    // Whether a lazy commit is not durable yet.
-    let mut lazy_pending = false;
+    // Since when a lazy commit has not been durable, if one is not.
+    let mut lazy_since_opt: Option<Instant> = None;
     loop {
-        let first_job = if lazy_pending {
+        let first_job = if lazy_since_opt.is_some() {
             match receiver.try_recv() {
                 Ok(job) => job,
                 Err(TryRecvError::Empty) => {
-                    lazy_pending = !make_durable(database, commits);
-                    if lazy_pending {
+                    if make_durable(database, commits) {
+                        lazy_since_opt = None;
+                        continue;
+                    } else {
                         // Not durable: retry after the next job rather than spin on a
                         // failing disk.
                         match receiver.blocking_recv() {
                             Some(job) => job,
                             None => break,
                         }
-                    } else {
-                        continue;
                     }
                 }
                 Err(TryRecvError::Disconnected) => break,
@@ -258,12 +262,18 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().any(|job| job.durable());
+        // A busy writer whose queue never runs empty still syncs lazy commits in time.
+        let durable = batch.iter().any(|job| job.durable())
+            || lazy_since_opt.is_some_and(|since| since.elapsed() >= MAX_LAZY_DELAY);
         let batch_result = apply_batch(database, &mut batch, durable);
         match &batch_result {
             Ok(()) => {
                 commits.fetch_add(1, Ordering::Relaxed);
-                lazy_pending = !durable;
+                lazy_since_opt = if durable {
+                    None
+                } else {
+                    lazy_since_opt.or_else(|| Some(Instant::now()))
+                };
             }
             Err(error) => {
                 tracing::warn!(jobs = batch.len(), %error, "store write batch failed");
@@ -273,7 +283,7 @@ fn run_writer(
             job.finish(batch_result.as_ref().map(|_| ()).map_err(duplicate_error));
         }
     }
-    if lazy_pending && !make_durable(database, commits) {
+    if lazy_since_opt.is_some() && !make_durable(database, commits) {
         tracing::error!("store closed with lazy writes that could not be made durable");
     }
 }
