@@ -2,7 +2,7 @@
 //!
 //! Logs go to stderr as plain or JSON lines, filtered by `RUST_LOG` (default `info`); a log
 //! line names the spans it happened in only with `--log-spans`, because formatting the
-//! fields of every request's spans for the log cost a fifth of the message throughput. When
+//! fields of every request's spans for the log cost a quarter of the message throughput. When
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans
 //! are also exported over OTLP/gRPC, in batches, filtered by `BLUETICK_OTEL_FILTER`
 //! (default `info`). The standard `OTEL_*` variables (service name, sampler, headers,
@@ -27,7 +27,7 @@ pub struct LogArgs {
     #[arg(long = "log-json", env = "BLUETICK_LOG_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
     /// Name the spans (request, frame, push) a log line happened in, with their fields.
-    /// Costs about a fifth of the message throughput: every span's fields are formatted
+    /// Costs about a quarter of the message throughput: every span's fields are formatted
     /// whether or not anything is logged inside it. Traces carry the same context (OTLP).
     #[arg(long = "log-spans", env = "BLUETICK_LOG_SPANS", value_parser = BoolishValueParser::new())]
     pub spans: bool,
