@@ -276,9 +276,8 @@ impl InboxStore for EmbeddedInboxStore {
             .iter()
             .map(|message_id| codec::device_row_key(device, *message_id))
             .collect();
-        // Lazy: lost in a crash, the messages are pending again and devices drop the copies.
         self.committer
-            .submit_lazy(move |transaction| {
+            .submit(move |transaction| {
                 let mut undelivered = transaction.open_table(UNDELIVERED)?;
                 let mut delivered = transaction.open_table(DELIVERED)?;
                 let mut index = transaction.open_table(MESSAGE_EXPIRY)?;
