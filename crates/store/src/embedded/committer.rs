@@ -231,29 +231,24 @@ fn run_writer(
     // Since when a lazy commit has not been durable, if one is not.
     let mut lazy_since_opt: Option<Instant> = None;
     loop {
-        let first_job = if lazy_since_opt.is_some() {
-            match receiver.try_recv() {
-                Ok(job) => job,
+        let first_job_opt = match lazy_since_opt {
+            None => receiver.blocking_recv(),
+            Some(_) => match receiver.try_recv() {
+                Ok(job) => Some(job),
+                Err(TryRecvError::Disconnected) => None,
                 Err(TryRecvError::Empty) => {
                     if make_durable(database, commits) {
                         lazy_since_opt = None;
                         continue;
-                    } else {
-                        // Not durable: retry after the next job rather than spin on a
-                        // failing disk.
-                        match receiver.blocking_recv() {
-                            Some(job) => job,
-                            None => break,
-                        }
                     }
+                    // Not durable: retry after the next job rather than spin on a failing
+                    // disk.
+                    receiver.blocking_recv()
                 }
-                Err(TryRecvError::Disconnected) => break,
-            }
-        } else {
-            match receiver.blocking_recv() {
-                Some(job) => job,
-                None => break,
-            }
+            },
+        };
+        let Some(first_job) = first_job_opt else {
+            break;
         };
         batch.push(first_job);
         while batch.len() < MAX_BATCH_JOBS {
@@ -291,13 +286,7 @@ fn run_writer(
 /// Commits an empty durable transaction, which makes every earlier lazy commit durable.
 /// Returns false (and logs) if that failed.
 fn make_durable(database: &Database, commits: &AtomicU64) -> bool {
-    let result = (|| -> Result<(), redb::Error> {
-        let mut transaction = database.begin_write()?;
-        transaction.set_durability(Durability::Immediate)?;
-        transaction.commit()?;
-        Ok(())
-    })();
-    match result {
+    match apply_batch(database, &mut [], true) {
         Ok(()) => {
             commits.fetch_add(1, Ordering::Relaxed);
             true
