@@ -176,12 +176,12 @@ impl Ack for AckService {
         }
         // Concurrently: the embedded store writes them all in one group commit, CQL in
         // parallel statements.
-        let recorded =
-            futures::future::join_all(records.into_iter().map(|record| {
+        futures::future::try_join_all(
+            records.into_iter().map(|record| {
                 time_store("ticks.record_sent", self.inner.ticks.record_sent(record))
-            }))
-            .await;
-        recorded.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }),
+        )
+        .await?;
         Ok(Response::new(RecordSentResponse {}))
     }
 

@@ -240,7 +240,6 @@ impl Inner {
         let mut handed_over = Vec::new();
         let mut accepted = Vec::with_capacity(valid.len());
         for ((prepared, outcome), envelopes) in valid.iter().zip(outcomes).zip(envelopes) {
-            let mut recorded = recorded_all.clone();
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(error) => {
@@ -248,10 +247,11 @@ impl Inner {
                     continue;
                 }
             };
-            let (message_id, sent_at_ms, duplicate) = match outcome {
+            let (message_id, sent_at_ms, duplicate, recorded) = match outcome {
                 AcceptOutcome::Stored => {
                     metrics().messages_accepted.inc();
-                    (prepared.message_id, prepared.sent_at_ms, false)
+                    let recorded = recorded_all.clone();
+                    (prepared.message_id, prepared.sent_at_ms, false, recorded)
                 }
                 AcceptOutcome::Duplicate {
                     message_id,
@@ -260,10 +260,10 @@ impl Inner {
                     metrics().messages_duplicate.inc();
                     // Recorded again under the first id: harmless, and repairs a crash
                     // between the two writes of the first attempt.
-                    recorded = self
+                    let recorded = self
                         .record_sent(vec![sent(prepared, message_id, sent_at_ms)])
                         .await;
-                    (message_id, sent_at_ms, true)
+                    (message_id, sent_at_ms, true, recorded)
                 }
             };
             if let Err(status) = recorded {
