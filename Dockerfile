@@ -25,7 +25,8 @@ WORKDIR /src
 COPY . .
 # The cargo registry and target/ are BuildKit cache mounts, so a rebuild after a source
 # change recompiles only the changed crates. The binaries are copied out of the cache mount
-# in the same step. No protoc or system libraries are needed (protox compiles the protos).
+# in the same step. No protoc or system libraries are needed (protox compiles the protos;
+# the jemalloc allocator is compiled from source with the image's cc and make).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \

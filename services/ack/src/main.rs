@@ -3,6 +3,10 @@
 use bluetick_ack::{AckConfig, serve};
 use clap::Parser;
 
+/// jemalloc: a quarter more message throughput than the system allocator (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The bluetick ack service.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -7,6 +7,10 @@ use bluetick_common::telemetry::{init_tracing, shutdown_on_signals};
 use bluetick_media::{DEFAULT_MAX_UPLOAD_BYTES, MediaConfig, SHUTDOWN_GRACE, serve};
 use clap::Parser;
 
+/// jemalloc: a quarter more message throughput than the system allocator (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// bluetick media: content-addressed blobs over gRPC and plain HTTP on one port.
 #[derive(Debug, Parser)]
 #[command(version)]
