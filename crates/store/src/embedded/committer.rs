@@ -11,9 +11,10 @@
 //! a sender confirmed (lost, they are sent again and change nothing). Those are
 //! [`submit_lazy`](GroupCommitter::submit_lazy): a batch of nothing but lazy jobs commits
 //! without an fsync (`Durability::None`; its changes are visible at once), and the next
-//! durable commit makes it durable too. The writer makes one as soon as its queue is empty
-//! or [`MAX_LAZY_DELAY`] after the oldest lazy commit, whichever comes first, and always
-//! when the store closes.
+//! durable commit makes it durable too. Under load that is the next durable write, which
+//! costs nothing extra; the writer commits durably on its own at the latest
+//! [`MAX_LAZY_DELAY`] after the oldest lazy commit (an empty commit if no job came), and
+//! always when the store closes.
 //!
 //! Job contract: a job that refuses its input ([`StoreError::NotFound`] or
 //! [`StoreError::AlreadyExists`]) must do so before it writes anything; its refusal goes to
@@ -28,7 +29,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, WriteTransaction};
-use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{StoreError, StoreResult};
@@ -36,7 +36,7 @@ use crate::{StoreError, StoreResult};
 /// The most write jobs applied in one transaction (one fsync).
 pub const MAX_BATCH_JOBS: usize = 1024;
 
-/// The longest a lazy commit stays without an fsync while the writer is busy.
+/// The longest a lazy commit stays without an fsync.
 const MAX_LAZY_DELAY: Duration = Duration::from_millis(100);
 
 /// How many write jobs may wait for the writer before submitters wait for room.
@@ -138,9 +138,15 @@ impl GroupCommitter {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let commits = Arc::new(AtomicU64::new(0));
         let writer_commits = Arc::clone(&commits);
+        let waiter = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|error| {
+                StoreError::Unavailable(format!("failed to start {name} writer timer: {error}"))
+            })?;
         let writer = std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || run_writer(&database, receiver, &writer_commits))
+            .spawn(move || run_writer(&database, &waiter, receiver, &writer_commits))
             .map_err(|error| {
                 StoreError::Unavailable(format!("failed to start {name} writer thread: {error}"))
             })?;
@@ -221,9 +227,14 @@ impl Drop for GroupCommitter {
 }
 
 /// The writer thread: waits for a job, drains the queue into a batch, commits it; makes
-/// lazy commits durable whenever the queue runs empty, and before it stops.
+/// lazy commits durable when no durable batch came within [`MAX_LAZY_DELAY`], and before
+/// it stops.
+///
+/// `waiter` (a current-thread runtime with a timer) drives the timed wait for the next job
+/// while a lazy commit is not durable.
 fn run_writer(
     database: &Database,
+    waiter: &tokio::runtime::Runtime,
     mut receiver: mpsc::Receiver<Box<dyn ErasedJob>>,
     commits: &AtomicU64,
 ) {
@@ -233,19 +244,24 @@ fn run_writer(
     loop {
         let first_job_opt = match lazy_since_opt {
             None => receiver.blocking_recv(),
-            Some(_) => match receiver.try_recv() {
-                Ok(job) => Some(job),
-                Err(TryRecvError::Disconnected) => None,
-                Err(TryRecvError::Empty) => {
-                    if make_durable(database, commits) {
-                        lazy_since_opt = None;
-                        continue;
+            Some(since) => {
+                let remaining = MAX_LAZY_DELAY.saturating_sub(since.elapsed());
+                // The timer must be made inside the runtime that drives it.
+                let next = waiter
+                    .block_on(async { tokio::time::timeout(remaining, receiver.recv()).await });
+                match next {
+                    Ok(job_opt) => job_opt,
+                    Err(_elapsed) => {
+                        if make_durable(database, commits) {
+                            lazy_since_opt = None;
+                            continue;
+                        }
+                        // Not durable: retry after the next job rather than spin on a
+                        // failing disk.
+                        receiver.blocking_recv()
                     }
-                    // Not durable: retry after the next job rather than spin on a failing
-                    // disk.
-                    receiver.blocking_recv()
                 }
-            },
+            }
         };
         let Some(first_job) = first_job_opt else {
             break;
@@ -257,7 +273,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        // A busy writer whose queue never runs empty still syncs lazy commits in time.
+        // Lazy commits are made durable in time even when only lazy jobs keep coming.
         let durable = batch.iter().any(|job| job.durable())
             || lazy_since_opt.is_some_and(|since| since.elapsed() >= MAX_LAZY_DELAY);
         let batch_result = apply_batch(database, &mut batch, durable);
