@@ -7,13 +7,14 @@
 //! | [`TickStore`] | ack | tick state per message and recipient device, receipts waiting for senders |
 //! | [`PresenceStore`] | presence | last seen per user, last-seen privacy and contacts |
 //!
-//! Every method that returns `Ok` after a write has made it durable (fsync / group commit in
-//! the embedded store, a QUORUM-class write in CQL), with two exceptions whose loss in a
+//! Every method that returns `Ok` after a write has made it durable (fsync / group commit
+//! in the embedded store, a QUORUM-class write in CQL), with two exceptions whose loss in a
 //! crash only repeats work, so the embedded store answers them once visible and makes them
-//! durable with its next durable commit, at the latest 100 ms later: [`InboxStore::mark_delivered`] (the messages are pending
-//! again and devices drop the copies by id) and [`TickStore::confirm_receipts`] (the
-//! receipts are sent again and change nothing). Implementations: [`embedded`] (redb
-//! files in one directory, the default) and [`cql`] (Cassandra / ScyllaDB). The [`conformance`] suite (feature
+//! durable with its next durable commit, at the latest 100 ms later:
+//! [`InboxStore::mark_delivered`] (the messages are pending again and devices drop the
+//! copies by id) and [`TickStore::confirm_receipts`] (the receipts are sent again and
+//! change nothing). Implementations: [`embedded`] (redb files in one directory, the
+//! default) and [`cql`] (Cassandra / ScyllaDB). The [`conformance`] suite (feature
 //! `testsuite`) is run against each.
 
 use std::sync::Arc;

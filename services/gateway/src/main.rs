@@ -5,7 +5,8 @@ use std::time::Duration;
 use bluetick_gateway::{GatewayConfig, serve};
 use clap::Parser;
 
-/// jemalloc: a quarter more message throughput than the system allocator (BENCHMARKS.md).
+/// jemalloc, like every bluetick server binary: faster than the system allocator on the
+/// message path at the same idle memory (BENCHMARKS.md, "Current figures").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
