@@ -256,7 +256,7 @@ async fn one_message_is_one_trace_across_services_and_moves_the_metrics() {
         moved("bluetick_tick_latency_seconds_count{tick=\"read\"}"),
         1.0
     );
-    assert!(moved("bluetick_store_latency_seconds_count{op=\"inbox.accept\"}") >= 1.0);
+    assert!(moved("bluetick_store_latency_seconds_count{op=\"inbox.accept_batch\"}") >= 1.0);
     assert!(moved("bluetick_store_latency_seconds_count{op=\"ticks.acknowledge\"}") >= 2.0);
     assert!(moved("bluetick_store_latency_seconds_count{op=\"ticks.record_sent\"}") >= 1.0);
     assert_eq!(sample(&after, "bluetick_connected_devices"), 2.0);

@@ -45,7 +45,7 @@ pub struct Metrics {
     pub push_queue_depth: Gauge,
     /// Frames dropped because a gateway push queue was full.
     pub push_dropped: Counter,
-    /// Seconds per store operation, by operation (`inbox.accept`, `ticks.acknowledge`, ...).
+    /// Seconds per store operation, by operation (`inbox.accept_batch`, `ticks.acknowledge`, ...).
     pub store_latency: Family<Label, Histogram>,
     registry: Registry,
 }
@@ -201,12 +201,12 @@ mod tests {
         metrics().messages_accepted.inc();
         metrics()
             .store_latency
-            .get_or_create(&[("op", "inbox.accept")])
+            .get_or_create(&[("op", "inbox.accept_batch")])
             .observe(0.002);
         let text = metrics().render();
         assert!(text.contains("bluetick_messages_accepted_total"));
         assert!(text.contains("bluetick_store_latency_seconds_bucket{le="));
-        assert!(text.contains("op=\"inbox.accept\""));
+        assert!(text.contains("op=\"inbox.accept_batch\""));
         assert!(text.contains("bluetick_connected_devices"));
         assert!(text.ends_with("# EOF\n"));
     }

@@ -13,7 +13,8 @@
 //! engine. They panic (assert) on the first broken promise.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bluetick_proto::common::v1::{DeviceAddress, LastSeenVisibility, TickStatus};
@@ -448,6 +449,7 @@ pub async fn inbox_suite(store: InboxStoreRef) {
     inbox_expiry(&store).await;
     inbox_delivered_and_removed(&store).await;
     inbox_concurrent_duplicates(&store).await;
+    inbox_batches_become_visible_in_order(&store).await;
     inbox_concurrent_accepts(store.clone(), 2_000).await;
 }
 
@@ -876,6 +878,109 @@ async fn inbox_concurrent_duplicates(store: &InboxStoreRef) {
             .collect::<Vec<_>>(),
         stored_ids
     );
+}
+
+/// A batch's messages become visible in order: a device reading its backlog while its
+/// sender's batch is being stored sees a prefix of it, never a later message without the
+/// earlier ones (it would show them out of order). A reader polls `pending` throughout.
+async fn inbox_batches_become_visible_in_order(store: &InboxStoreRef) {
+    const ROUNDS: usize = 5;
+    const BATCH: usize = 32;
+    let now = now_ms();
+    let sender = DeviceAddress::new(unique_id("sender"), 1);
+    for round in 0..ROUNDS {
+        let recipient_user = unique_id("bob");
+        let phone = DeviceAddress::new(recipient_user.clone(), 1);
+        let earlier = accept_record(
+            &sender,
+            &recipient_user,
+            unique_message_id(),
+            &format!("earlier-{round}"),
+            now + HOUR_MS,
+            vec![(1, Bytes::from_static(b"earlier"))],
+        );
+        assert_eq!(
+            store.accept(earlier.clone()).await.expect("accept"),
+            AcceptOutcome::Stored
+        );
+        let ids: Vec<u64> = (0..BATCH).map(|_| unique_message_id()).collect();
+        let mut records: Vec<AcceptRecord> = ids
+            .iter()
+            .enumerate()
+            .map(|(index, message_id)| {
+                accept_record(
+                    &sender,
+                    &recipient_user,
+                    *message_id,
+                    &format!("batch-{round}-{index}"),
+                    now + HOUR_MS,
+                    vec![
+                        (1, Bytes::from(format!("to phone {index}"))),
+                        (2, Bytes::from(format!("to laptop {index}"))),
+                    ],
+                )
+            })
+            .collect();
+        // A resend of the earlier message in the middle of the batch: a duplicate.
+        let mut resend = earlier.clone();
+        resend.message_id = unique_message_id();
+        records.insert(BATCH / 2, resend);
+
+        let stored = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let store = store.clone();
+            let phone = phone.clone();
+            let stored = stored.clone();
+            tokio::spawn(async move {
+                let mut snapshots = Vec::new();
+                loop {
+                    let finished = stored.load(Ordering::Acquire);
+                    let page = store.pending(&phone, 0, 1_000, now).await.expect("pending");
+                    snapshots.push(page.into_iter().map(|message| message.message_id).collect());
+                    if finished {
+                        return snapshots;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let outcomes = store.accept_batch(records).await;
+        stored.store(true, Ordering::Release);
+        let snapshots: Vec<Vec<u64>> = reader.await.expect("reader");
+
+        assert_eq!(outcomes.len(), BATCH + 1, "one outcome per record");
+        for (index, outcome) in outcomes.into_iter().enumerate() {
+            let expected = if index == BATCH / 2 {
+                AcceptOutcome::Duplicate {
+                    message_id: earlier.message_id,
+                    sent_at_ms: earlier.sent_at_ms,
+                }
+            } else {
+                AcceptOutcome::Stored
+            };
+            assert_eq!(
+                outcome.expect("accept in batch"),
+                expected,
+                "record {index}"
+            );
+        }
+        let mut everything = vec![earlier.message_id];
+        everything.extend(&ids);
+        assert_eq!(
+            snapshots.last(),
+            Some(&everything),
+            "the whole batch is pending afterwards, in id order"
+        );
+        for snapshot in &snapshots {
+            assert_eq!(
+                snapshot.as_slice(),
+                &everything[..snapshot.len()],
+                "round {round}: a read during the batch saw a later message without the \
+                 earlier ones ({} reads)",
+                snapshots.len()
+            );
+        }
+    }
 }
 
 /// Runs `accepts` concurrent [`accept`](crate::InboxStore::accept) calls into one device

@@ -29,7 +29,7 @@ pub mod cql;
 pub mod embedded;
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The record to change does not exist.
     #[error("not found: {0}")]
@@ -178,7 +178,7 @@ pub struct AcceptRecord {
     pub envelopes: Vec<(u32, Bytes)>,
 }
 
-/// What [`InboxStore::accept`] did.
+/// What [`InboxStore::accept_batch`] did with one record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AcceptOutcome {
     /// The message was stored with the record's id.
@@ -202,9 +202,27 @@ pub struct StoredMessage {
 /// Per-device inboxes: messages stored until read (or expired). Owned by messaging.
 #[async_trait]
 pub trait InboxStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Atomically and durably stores every envelope in its device's inbox together with the
+    /// Accepts consecutive messages of one sender, in order: for each record, atomically
+    /// and durably stores every envelope in its device's inbox together with the
     /// idempotency record of `(sender, client_msg_id)`, or reports the earlier duplicate.
-    async fn accept(&self, record: AcceptRecord) -> StoreResult<AcceptOutcome>;
+    /// Returns one outcome per record, in order.
+    ///
+    /// **Order.** The messages become visible to [`pending`](Self::pending) in record order:
+    /// a read that returns one of them also returns (if still pending) every earlier
+    /// message of the batch to the same device. When storing a record fails, no later new
+    /// record of the batch is stored either (each fails; resending repairs them in order).
+    /// A device that reconnects while its sender's batch is being stored thus reads a
+    /// prefix of the batch as its backlog and gets the rest pushed live, never a later
+    /// message before an earlier one.
+    async fn accept_batch(&self, records: Vec<AcceptRecord>) -> Vec<StoreResult<AcceptOutcome>>;
+
+    /// Accepts one message: [`accept_batch`](Self::accept_batch) of one record.
+    async fn accept(&self, record: AcceptRecord) -> StoreResult<AcceptOutcome> {
+        self.accept_batch(vec![record])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("accept returned no outcome".into())))
+    }
 
     /// Returns up to `limit` messages of `device` not yet delivered, not expired at
     /// `now_ms`, with ids greater than `after_message_id`, in ascending id order.

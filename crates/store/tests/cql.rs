@@ -167,6 +167,93 @@ fn removed_message_row_is_gone_from_the_table() {
     });
 }
 
+/// An accept that died between its claim and its inbox write (the claim is there, the
+/// message is not) is finished by the resend, in its place in the batch: the original id
+/// with the claimed payload, visible before the batch's later messages.
+#[test]
+#[ignore = "needs a CQL engine: scripts/cassandra.sh start, then BLUETICK_TEST_CQL_URL=… cargo test -p bluetick-store --test cql -- --ignored"]
+fn interrupted_accept_is_finished_in_order_by_the_resend() {
+    RUNTIME.block_on(async {
+        let location = CqlLocation::parse(&test_url()).unwrap();
+        let store = CqlInboxStore::open(&location).await.unwrap();
+        let sender = DeviceAddress::new(unique_id("sender"), 1);
+        let recipient_user = unique_id("bob");
+        let device = DeviceAddress::new(recipient_user.clone(), 1);
+        let interrupted = record(&sender, &recipient_user, 1);
+        // What the first attempt left behind: its claim alone (claims are only written
+        // with LWT).
+        let driver = store.session().driver();
+        let claim = driver
+            .prepare(
+                "INSERT INTO accept_claims (sender_user_id, sender_device_id, client_msg_id, \
+                 message_id, recipient_user_id, sent_at_ms, expires_at_ms, envelopes) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS USING TTL 3600",
+            )
+            .await
+            .unwrap();
+        let envelopes: std::collections::HashMap<i32, Vec<u8>> = interrupted
+            .envelopes
+            .iter()
+            .map(|(device_id, payload)| (*device_id as i32, payload.to_vec()))
+            .collect();
+        driver
+            .execute_unpaged(
+                &claim,
+                (
+                    sender.user_id.as_str(),
+                    1i32,
+                    interrupted.client_msg_id.as_str(),
+                    (interrupted.message_id ^ (1 << 63)) as i64,
+                    recipient_user.as_str(),
+                    interrupted.sent_at_ms as i64,
+                    interrupted.expires_at_ms as i64,
+                    envelopes,
+                ),
+            )
+            .await
+            .unwrap();
+        assert!(
+            store
+                .pending(&device, 0, 10, now_ms())
+                .await
+                .unwrap()
+                .is_empty(),
+            "the interrupted message is not in the inbox"
+        );
+
+        // The resend (a new id from messaging) in a batch with the sender's next message.
+        let resend = AcceptRecord {
+            message_id: unique_message_id(),
+            envelopes: vec![(1, Bytes::from_static(b"resent payload, not stored"))],
+            ..interrupted.clone()
+        };
+        let next = record(&sender, &recipient_user, 2);
+        let outcomes = store.accept_batch(vec![resend, next.clone()]).await;
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(
+            outcomes[0].as_ref().unwrap(),
+            &AcceptOutcome::Duplicate {
+                message_id: interrupted.message_id,
+                sent_at_ms: interrupted.sent_at_ms
+            }
+        );
+        assert_eq!(outcomes[1].as_ref().unwrap(), &AcceptOutcome::Stored);
+        let pending = store.pending(&device, 0, 10, now_ms()).await.unwrap();
+        let read: Vec<(u64, Bytes)> = pending
+            .into_iter()
+            .map(|message| (message.message_id, message.payload))
+            .collect();
+        assert_eq!(
+            read,
+            vec![
+                (interrupted.message_id, interrupted.envelopes[0].1.clone()),
+                (next.message_id, next.envelopes[0].1.clone()),
+            ],
+            "the original is finished with its own id and payload, before the next message"
+        );
+    });
+}
+
 /// Once read messages are behind the device's floor, `pending` starts above them: the
 /// floor row moves past everything delivered, and later messages are still pending.
 #[test]

@@ -136,9 +136,9 @@ impl Inner {
     }
 
     /// Accepts consecutive messages of one sender (see `AcceptBatch`): ids are assigned in
-    /// request order; the inbox writes and ack's records all run at once (the inbox's group
-    /// commit folds the writes into shared commits), so the single ticks wait for the
-    /// slowest write, not for each in turn. Then the recipients are located (after the
+    /// request order; the inbox stores the batch in one call (which makes the messages
+    /// visible in order) while ack records them, so the single ticks wait for one write of
+    /// each, not for each message in turn. Then the recipients are located (after the
     /// writes, see below), every message is pushed in order, and the answer waits until the
     /// pushes reached the recipients' gateways (with several messaging replicas the
     /// sender's next batch may go through another one, whose pushes must not overtake
@@ -218,11 +218,7 @@ impl Inner {
         recipients.sort_unstable();
         recipients.dedup();
         let (outcomes, recorded_all) = tokio::join!(
-            futures::future::join_all(
-                records
-                    .into_iter()
-                    .map(|record| time_store("inbox.accept", self.inbox.accept(record)))
-            ),
+            time_store("inbox.accept_batch", self.inbox.accept_batch(records)),
             self.record_sent(
                 valid
                     .iter()
@@ -233,7 +229,8 @@ impl Inner {
         // Only now, with the messages stored, ask where the recipients are. A device that
         // reconnects attaches with presence before it reads its backlog: either this lookup
         // sees the new route, or the attach came later and the backlog read finds the
-        // messages. Looked up concurrently with the writes, a reconnect between the two
+        // messages. A backlog read racing with the writes sees a prefix of the batch (the
+        // store's order guarantee), and the rest is pushed to the new route. Looked up concurrently with the writes, a reconnect between the two
         // could miss both, leaving the messages stored but unseen until the next reconnect.
         let routes = self.locate(recipients).await;
 

@@ -38,6 +38,13 @@
 //! resurrect a message deleted since. Racing resends see one winner; the others answer
 //! `Duplicate` with the winner's id.
 //!
+//! **Order.** An accept batch (consecutive messages of one sender) claims all its messages
+//! at once, then writes them in order: runs of small messages share one logged batch (each
+//! inbox partition's rows in it are applied as one mutation, so a reader sees all or none of
+//! them), a large one goes alone, and each write starts when the previous one returned. A
+//! reader thus never sees a later message of the batch without the earlier ones, and after
+//! a failed write nothing later is written (those accepts fail and are resent).
+//!
 //! **Consistency.** Every statement runs at the URL's consistency (LOCAL_QUORUM by default,
 //! LOCAL_SERIAL for the Paxos phase), so an accept that returned `Stored` (the single tick) is
 //! on a quorum of replicas.
@@ -57,9 +64,13 @@ use super::{
 };
 use crate::{AcceptOutcome, AcceptRecord, InboxStore, StoreError, StoreResult, StoredMessage};
 
-/// Above this many payload bytes an accept writes its envelopes one by one (then the commit
-/// marker) instead of in one logged batch, which engines refuse past ~50 KiB.
-const MAX_BATCH_PAYLOAD_BYTES: usize = 32 * 1024;
+/// The most bytes (estimated by [`Claim::batch_bytes`]) an accept writes in one logged
+/// batch, which engines refuse past ~50 KiB; a larger message is written envelope by
+/// envelope, then its commit marker.
+const MAX_BATCH_BYTES: usize = 32 * 1024;
+
+/// What one row adds to a batch besides its payload, estimated high: keys, ids, times.
+const ROW_OVERHEAD_BYTES: usize = 256;
 
 /// How often an accept retries when the claim it lost to has expired meanwhile.
 const CLAIM_ATTEMPTS: usize = 3;
@@ -234,185 +245,144 @@ impl CqlInboxStore {
         &self.session
     }
 
-    /// Writes the envelopes of a claimed message and its commit marker: one logged batch
-    /// when small, else each envelope and then the marker. `timestamp_opt` pins the write
+    /// Appends the envelopes of a claimed message and its commit marker to `batch`.
+    fn append_claim(
+        &self,
+        claim: &Claim,
+        now_ms: u64,
+        batch: &mut Batch,
+        values: &mut Vec<BatchValue>,
+    ) {
+        // An expired message is not written at all: it would be invisible anyway.
+        if let Some(ttl) = ttl_seconds(claim.expires_at_ms, now_ms) {
+            for (device_id, payload) in &claim.envelopes {
+                batch.append_statement(self.statements.insert_message.clone());
+                values.push(Box::new((
+                    claim.recipient_user_id.clone(),
+                    device_to_cql(*device_id),
+                    id_to_cql(claim.message_id),
+                    claim.sender.user_id.clone(),
+                    device_to_cql(claim.sender.device_id),
+                    ms_to_cql(claim.sent_at_ms),
+                    ms_to_cql(claim.expires_at_ms),
+                    payload.to_vec(),
+                    ttl,
+                )));
+            }
+        }
+        batch.append_statement(self.statements.insert_commit.clone());
+        values.push(commit_values(claim, now_ms));
+    }
+
+    /// Writes the envelopes of claimed messages with their commit markers in one logged
+    /// batch: all or nothing, and each inbox partition's rows become visible at once. The
+    /// caller keeps the batch under [`MAX_BATCH_BYTES`]. `timestamp_opt` pins the write
     /// time (a repair writes with the claim's, so a later delete still wins).
-    async fn write_envelopes(
+    async fn write_claims(
+        &self,
+        claims: &[Claim],
+        timestamp_opt: Option<i64>,
+        now_ms: u64,
+    ) -> StoreResult<()> {
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.set_is_idempotent(true);
+        batch.set_timestamp(timestamp_opt);
+        let mut values = Vec::new();
+        for claim in claims {
+            self.append_claim(claim, now_ms, &mut batch, &mut values);
+        }
+        self.session.batch(&batch, values).await?;
+        Ok(())
+    }
+
+    /// Writes one claimed message too large for a batch: each envelope, then the marker, so
+    /// a missing marker still means "repair".
+    async fn write_large_claim(
         &self,
         claim: &Claim,
         timestamp_opt: Option<i64>,
         now_ms: u64,
     ) -> StoreResult<()> {
-        let commit_ttl = ttl_seconds(claim.expires_at_ms, now_ms).unwrap_or(1);
-        let commit_values = || -> BatchValue {
-            Box::new((
-                claim.sender.user_id.clone(),
-                device_to_cql(claim.sender.device_id),
-                claim.client_msg_id.clone(),
-                id_to_cql(claim.message_id),
-                commit_ttl,
-            ))
-        };
-        // An expired message is not written at all: it would be invisible anyway.
-        let envelope_ttl_opt = ttl_seconds(claim.expires_at_ms, now_ms);
-        let envelope_values: Vec<BatchValue> = match envelope_ttl_opt {
-            None => Vec::new(),
-            Some(ttl) => claim
-                .envelopes
-                .iter()
-                .map(|(device_id, payload)| -> BatchValue {
-                    Box::new((
-                        claim.recipient_user_id.clone(),
-                        device_to_cql(*device_id),
-                        id_to_cql(claim.message_id),
-                        claim.sender.user_id.clone(),
-                        device_to_cql(claim.sender.device_id),
-                        ms_to_cql(claim.sent_at_ms),
-                        ms_to_cql(claim.expires_at_ms),
-                        payload.to_vec(),
-                        ttl,
-                    ))
-                })
-                .collect(),
-        };
-        let payload_bytes: usize = claim
-            .envelopes
-            .iter()
-            .map(|(_, payload)| payload.len())
-            .sum();
-        if payload_bytes <= MAX_BATCH_PAYLOAD_BYTES {
-            let mut batch = Batch::new(BatchType::Logged);
-            batch.set_is_idempotent(true);
-            batch.set_timestamp(timestamp_opt);
-            let mut values = Vec::with_capacity(envelope_values.len() + 1);
-            for value in envelope_values {
-                batch.append_statement(self.statements.insert_message.clone());
-                values.push(value);
-            }
-            batch.append_statement(self.statements.insert_commit.clone());
-            values.push(commit_values());
-            self.session.batch(&batch, values).await?;
-            return Ok(());
+        if let Some(ttl) = ttl_seconds(claim.expires_at_ms, now_ms) {
+            let mut insert_message = self.statements.insert_message.clone();
+            insert_message.set_timestamp(timestamp_opt);
+            let writes = claim.envelopes.iter().map(|(device_id, payload)| {
+                let value: BatchValue = Box::new((
+                    claim.recipient_user_id.clone(),
+                    device_to_cql(*device_id),
+                    id_to_cql(claim.message_id),
+                    claim.sender.user_id.clone(),
+                    device_to_cql(claim.sender.device_id),
+                    ms_to_cql(claim.sent_at_ms),
+                    ms_to_cql(claim.expires_at_ms),
+                    payload.to_vec(),
+                    ttl,
+                ));
+                self.session.execute(&insert_message, value)
+            });
+            futures::future::try_join_all(writes).await?;
         }
-        // Large: envelopes first, the marker last, so a missing marker still means "repair".
-        let mut insert_message = self.statements.insert_message.clone();
-        insert_message.set_timestamp(timestamp_opt);
-        let writes = envelope_values
-            .into_iter()
-            .map(|value| self.session.execute(&insert_message, value));
-        futures::future::try_join_all(writes).await?;
         let mut insert_commit = self.statements.insert_commit.clone();
         insert_commit.set_timestamp(timestamp_opt);
         self.session
-            .execute(&insert_commit, commit_values())
+            .execute(&insert_commit, commit_values(claim, now_ms))
             .await?;
         Ok(())
     }
 
-    /// Reads the claim of `(sender, client_msg_id)` at SERIAL consistency.
-    async fn read_claim(
+    /// Writes claimed messages in order: consecutive small ones share a logged batch, a
+    /// large one goes alone. Each write starts after the previous one returned, so the
+    /// messages become visible in order. On failure, returns how many were written first.
+    async fn write_in_order(
         &self,
-        sender: &DeviceAddress,
-        client_msg_id: &str,
-    ) -> StoreResult<Option<(Claim, i64)>> {
-        let row: Option<ClaimRow> = self
-            .session
-            .first_row(
-                &self.statements.read_claim,
-                (
-                    sender.user_id.as_str(),
-                    device_to_cql(sender.device_id),
-                    client_msg_id,
-                ),
-            )
-            .await?;
-        let Some((message_id, recipient_user_id, sent_at_ms, expires_at_ms, envelopes, written_at)) =
-            row
-        else {
-            return Ok(None);
-        };
-        let mut envelopes: Vec<(u32, Bytes)> = envelopes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(device_id, payload)| Ok((device_from_cql(device_id)?, Bytes::from(payload))))
-            .collect::<StoreResult<_>>()?;
-        envelopes.sort_unstable_by_key(|(device_id, _)| *device_id);
-        Ok(Some((
-            Claim {
-                message_id: id_from_cql(message_id),
-                sender: sender.clone(),
-                client_msg_id: client_msg_id.to_string(),
-                recipient_user_id,
-                sent_at_ms: ms_from_cql(sent_at_ms),
-                expires_at_ms: ms_from_cql(expires_at_ms),
-                envelopes,
-            },
-            written_at,
-        )))
-    }
-
-    /// The resend path: `claim` is the original. Finishes its inbox write if it never
-    /// happened, then reports the duplicate.
-    async fn finish_duplicate(
-        &self,
-        claim: Claim,
-        claim_written_at: i64,
+        claims: &[Claim],
+        timestamp_opt: Option<i64>,
         now_ms: u64,
-    ) -> StoreResult<AcceptOutcome> {
-        let committed: Option<(i64,)> = self
-            .session
-            .first_row(
-                &self.statements.read_commit,
-                (
-                    claim.sender.user_id.as_str(),
-                    device_to_cql(claim.sender.device_id),
-                    claim.client_msg_id.as_str(),
-                ),
-            )
-            .await?;
-        if committed.is_none() {
-            tracing::info!(
-                sender = %claim.sender,
-                message_id = claim.message_id,
-                "finishing an accept whose inbox write is missing"
-            );
-            self.write_envelopes(&claim, Some(claim_written_at), now_ms)
-                .await?;
+    ) -> Result<(), (usize, StoreError)> {
+        let mut start = 0;
+        while start < claims.len() {
+            let mut end = start + 1;
+            let mut bytes = claims[start].batch_bytes();
+            while end < claims.len() && bytes + claims[end].batch_bytes() <= MAX_BATCH_BYTES {
+                bytes += claims[end].batch_bytes();
+                end += 1;
+            }
+            let written = if bytes > MAX_BATCH_BYTES {
+                self.write_large_claim(&claims[start], timestamp_opt, now_ms)
+                    .await
+            } else {
+                self.write_claims(&claims[start..end], timestamp_opt, now_ms)
+                    .await
+            };
+            written.map_err(|error| (start, error))?;
+            start = end;
         }
-        Ok(AcceptOutcome::Duplicate {
-            message_id: claim.message_id,
-            sent_at_ms: claim.sent_at_ms,
-        })
+        Ok(())
     }
 
-    async fn read_floor(&self, device: &DeviceAddress) -> StoreResult<u64> {
-        let row: Option<(Option<i64>,)> = self
-            .session
-            .first_row(
-                &self.statements.read_floor,
-                (device.user_id.as_str(), device_to_cql(device.device_id)),
-            )
-            .await?;
-        Ok(row.and_then(|(floor,)| floor).map_or(0, id_from_cql))
+    /// Writes `run` (claims with their positions in `outcomes`) in order and empties it. On
+    /// failure the unwritten claims' outcomes become the error, which is returned.
+    async fn write_run(
+        &self,
+        run: &mut Vec<(usize, Claim)>,
+        timestamp_opt: Option<i64>,
+        now_ms: u64,
+        outcomes: &mut [StoreResult<AcceptOutcome>],
+    ) -> Option<StoreError> {
+        let (indexes, claims): (Vec<usize>, Vec<Claim>) = std::mem::take(run).into_iter().unzip();
+        let (written, error) = self
+            .write_in_order(&claims, timestamp_opt, now_ms)
+            .await
+            .err()?;
+        for index in &indexes[written..] {
+            outcomes[*index] = Err(error.clone());
+        }
+        Some(error)
     }
-}
 
-/// What an accept claims: the message as first accepted.
-#[derive(Debug)]
-struct Claim {
-    message_id: u64,
-    sender: DeviceAddress,
-    client_msg_id: String,
-    recipient_user_id: String,
-    sent_at_ms: u64,
-    expires_at_ms: u64,
-    envelopes: Vec<(u32, Bytes)>,
-}
-
-#[async_trait]
-impl InboxStore for CqlInboxStore {
-    async fn accept(&self, record: AcceptRecord) -> StoreResult<AcceptOutcome> {
-        let now_ms = wall_clock_ms();
+    /// Claims `(sender, client_msg_id)` for `record` with a lightweight transaction, or
+    /// finds the claim it lost to.
+    async fn claim(&self, record: AcceptRecord, now_ms: u64) -> StoreResult<Claimed> {
         let claim = Claim {
             message_id: record.message_id,
             sender: record.sender,
@@ -459,18 +429,16 @@ impl InboxStore for CqlInboxStore {
                 Err(other) => return Err(other),
             };
             if claimed {
-                self.write_envelopes(&claim, None, now_ms).await?;
-                return Ok(AcceptOutcome::Stored);
+                return Ok(Claimed::Ours(claim));
             }
             if let Some((original, written_at)) =
                 self.read_claim(&claim.sender, &claim.client_msg_id).await?
             {
                 if original.message_id == claim.message_id {
                     // Our own claim (applied by an earlier attempt of this call).
-                    self.write_envelopes(&claim, None, now_ms).await?;
-                    return Ok(AcceptOutcome::Stored);
+                    return Ok(Claimed::Ours(claim));
                 }
-                return self.finish_duplicate(original, written_at, now_ms).await;
+                return self.duplicate_of(original, written_at).await;
             }
             // The claim we lost to expired in between: claim again.
         }
@@ -478,6 +446,195 @@ impl InboxStore for CqlInboxStore {
             "could not claim client message id {:?} of {}",
             claim.client_msg_id, claim.sender
         )))
+    }
+
+    /// Reads the claim of `(sender, client_msg_id)` at SERIAL consistency.
+    async fn read_claim(
+        &self,
+        sender: &DeviceAddress,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<(Claim, i64)>> {
+        let row: Option<ClaimRow> = self
+            .session
+            .first_row(
+                &self.statements.read_claim,
+                (
+                    sender.user_id.as_str(),
+                    device_to_cql(sender.device_id),
+                    client_msg_id,
+                ),
+            )
+            .await?;
+        let Some((message_id, recipient_user_id, sent_at_ms, expires_at_ms, envelopes, written_at)) =
+            row
+        else {
+            return Ok(None);
+        };
+        let mut envelopes: Vec<(u32, Bytes)> = envelopes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(device_id, payload)| Ok((device_from_cql(device_id)?, Bytes::from(payload))))
+            .collect::<StoreResult<_>>()?;
+        envelopes.sort_unstable_by_key(|(device_id, _)| *device_id);
+        Ok(Some((
+            Claim {
+                message_id: id_from_cql(message_id),
+                sender: sender.clone(),
+                client_msg_id: client_msg_id.to_string(),
+                recipient_user_id,
+                sent_at_ms: ms_from_cql(sent_at_ms),
+                expires_at_ms: ms_from_cql(expires_at_ms),
+                envelopes,
+            },
+            written_at,
+        )))
+    }
+
+    /// The resend path: `claim` is the original. It needs a repair if its inbox write never
+    /// happened (no commit marker).
+    async fn duplicate_of(&self, claim: Claim, claim_written_at: i64) -> StoreResult<Claimed> {
+        let committed: Option<(i64,)> = self
+            .session
+            .first_row(
+                &self.statements.read_commit,
+                (
+                    claim.sender.user_id.as_str(),
+                    device_to_cql(claim.sender.device_id),
+                    claim.client_msg_id.as_str(),
+                ),
+            )
+            .await?;
+        if committed.is_some() {
+            return Ok(Claimed::Duplicate(claim));
+        }
+        Ok(Claimed::Repair(claim, claim_written_at))
+    }
+
+    async fn read_floor(&self, device: &DeviceAddress) -> StoreResult<u64> {
+        let row: Option<(Option<i64>,)> = self
+            .session
+            .first_row(
+                &self.statements.read_floor,
+                (device.user_id.as_str(), device_to_cql(device.device_id)),
+            )
+            .await?;
+        Ok(row.and_then(|(floor,)| floor).map_or(0, id_from_cql))
+    }
+}
+
+/// What an accept claims: the message as first accepted.
+#[derive(Debug)]
+struct Claim {
+    message_id: u64,
+    sender: DeviceAddress,
+    client_msg_id: String,
+    recipient_user_id: String,
+    sent_at_ms: u64,
+    expires_at_ms: u64,
+    envelopes: Vec<(u32, Bytes)>,
+}
+
+impl Claim {
+    /// The answer to a resend of this claim's message.
+    fn duplicate(&self) -> AcceptOutcome {
+        AcceptOutcome::Duplicate {
+            message_id: self.message_id,
+            sent_at_ms: self.sent_at_ms,
+        }
+    }
+
+    /// Roughly what the claim's rows add to a logged batch: payloads plus keys and columns.
+    fn batch_bytes(&self) -> usize {
+        let rows: usize = self
+            .envelopes
+            .iter()
+            .map(|(_, payload)| payload.len() + ROW_OVERHEAD_BYTES)
+            .sum();
+        rows + ROW_OVERHEAD_BYTES
+    }
+}
+
+/// The commit marker's values for `claim`.
+fn commit_values(claim: &Claim, now_ms: u64) -> BatchValue {
+    Box::new((
+        claim.sender.user_id.clone(),
+        device_to_cql(claim.sender.device_id),
+        claim.client_msg_id.clone(),
+        id_to_cql(claim.message_id),
+        ttl_seconds(claim.expires_at_ms, now_ms).unwrap_or(1),
+    ))
+}
+
+/// What the claim phase of an accept found for one record.
+#[derive(Debug)]
+enum Claimed {
+    /// Claimed by this call: its envelopes are to be written.
+    Ours(Claim),
+    /// A duplicate of this original, fully stored.
+    Duplicate(Claim),
+    /// A duplicate of this original whose inbox write never happened: it is written again
+    /// from the claim, with the claim's write time.
+    Repair(Claim, i64),
+}
+
+#[async_trait]
+impl InboxStore for CqlInboxStore {
+    async fn accept_batch(&self, records: Vec<AcceptRecord>) -> Vec<StoreResult<AcceptOutcome>> {
+        let now_ms = wall_clock_ms();
+        // The claims (a Paxos round each) run at once; the inbox writes then go in order.
+        let claims =
+            futures::future::join_all(records.into_iter().map(|record| self.claim(record, now_ms)))
+                .await;
+        let mut outcomes: Vec<StoreResult<AcceptOutcome>> = Vec::with_capacity(claims.len());
+        // This call's claims not yet written, in order.
+        let mut run: Vec<(usize, Claim)> = Vec::new();
+        // Once a record failed, no later one may be written: it would be visible first.
+        let mut failed_opt: Option<StoreError> = None;
+        for claimed in claims {
+            let index = outcomes.len();
+            if let Some(failure) = &failed_opt {
+                outcomes.push(match claimed {
+                    Ok(Claimed::Duplicate(original)) => Ok(original.duplicate()),
+                    Ok(Claimed::Ours(_) | Claimed::Repair(..)) => Err(failure.clone()),
+                    Err(error) => Err(error),
+                });
+                continue;
+            }
+            match claimed {
+                Ok(Claimed::Ours(claim)) => {
+                    outcomes.push(Ok(AcceptOutcome::Stored));
+                    run.push((index, claim));
+                }
+                Ok(Claimed::Duplicate(original)) => outcomes.push(Ok(original.duplicate())),
+                Ok(Claimed::Repair(original, written_at)) => {
+                    outcomes.push(Ok(original.duplicate()));
+                    // The claims before it first, then it alone, with its claim's time.
+                    failed_opt = self.write_run(&mut run, None, now_ms, &mut outcomes).await;
+                    if let Some(failure) = &failed_opt {
+                        outcomes[index] = Err(failure.clone());
+                        continue;
+                    }
+                    tracing::info!(
+                        sender = %original.sender,
+                        message_id = original.message_id,
+                        "finishing an accept whose inbox write is missing"
+                    );
+                    let mut repair = vec![(index, original)];
+                    failed_opt = self
+                        .write_run(&mut repair, Some(written_at), now_ms, &mut outcomes)
+                        .await;
+                }
+                Err(error) => {
+                    let earlier = self.write_run(&mut run, None, now_ms, &mut outcomes).await;
+                    failed_opt = Some(earlier.unwrap_or_else(|| error.clone()));
+                    outcomes.push(Err(error));
+                }
+            }
+        }
+        if failed_opt.is_none() {
+            self.write_run(&mut run, None, now_ms, &mut outcomes).await;
+        }
+        outcomes
     }
 
     async fn pending(

@@ -208,10 +208,22 @@ fn collect_keys_below(
 
 #[async_trait]
 impl InboxStore for EmbeddedInboxStore {
-    async fn accept(&self, record: AcceptRecord) -> StoreResult<AcceptOutcome> {
-        self.committer
-            .submit(move |transaction| accept_in(transaction, &record))
-            .await
+    async fn accept_batch(&self, records: Vec<AcceptRecord>) -> Vec<StoreResult<AcceptOutcome>> {
+        let count = records.len();
+        // One job, one transaction: the whole batch becomes visible at once.
+        let outcomes = self
+            .committer
+            .submit(move |transaction| {
+                records
+                    .iter()
+                    .map(|record| accept_in(transaction, record))
+                    .collect::<StoreResult<Vec<AcceptOutcome>>>()
+            })
+            .await;
+        match outcomes {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(error) => vec![Err(error); count],
+        }
     }
 
     async fn pending(
