@@ -66,7 +66,7 @@ pub fn unique_message_id() -> u64 {
 }
 
 /// Returns a fresh token hash.
-fn token_hash(seed: &str) -> [u8; 32] {
+pub fn token_hash(seed: &str) -> [u8; 32] {
     let mut hash = [0u8; 32];
     let unique = unique_id(seed);
     for (index, byte) in unique.bytes().enumerate() {
@@ -119,6 +119,26 @@ async fn account_users_and_devices(store: &AccountStoreRef) {
     assert!(
         matches!(again, Err(StoreError::AlreadyExists(_))),
         "creating an existing user must fail with AlreadyExists, got {again:?}"
+    );
+    // A repeat of the registration, with its token (the answer was lost), is answered
+    // again and changes nothing.
+    store
+        .create_user(&user_id, "Alice, repeated", 3_000, token)
+        .await
+        .expect("a repeated registration is answered again");
+    let repeated = store
+        .get_user(&user_id)
+        .await
+        .expect("get_user")
+        .expect("user");
+    assert_eq!(
+        (
+            repeated.display_name.as_str(),
+            repeated.created_at_ms,
+            repeated.device_ids
+        ),
+        ("Alice", 1_000, vec![1]),
+        "a repeated registration changes nothing"
     );
     let unchanged = store.get_user(&user_id).await.expect("get_user");
     assert_eq!(

@@ -114,7 +114,9 @@ pub struct DeviceKeys {
 #[async_trait]
 pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
     /// Creates `user_id` with device 1, reachable with the token whose SHA-256 is
-    /// `token_hash`. [`StoreError::AlreadyExists`] if the user exists.
+    /// `token_hash`. [`StoreError::AlreadyExists`] if the user exists, unless it was created
+    /// with this same `token_hash`: then this is a repeat of that registration (its answer
+    /// was lost, or it was interrupted half-way), which is completed if need be and `Ok`.
     async fn create_user(
         &self,
         user_id: &str,

@@ -254,6 +254,96 @@ fn interrupted_accept_is_finished_in_order_by_the_resend() {
     });
 }
 
+/// A registration interrupted between its user row and its device rows (the process died,
+/// or the caller's deadline cancelled it) is finished by a repeat with the same token; any
+/// other token still finds the name taken.
+#[test]
+#[ignore = "needs a CQL engine: scripts/cassandra.sh start, then BLUETICK_TEST_CQL_URL=… cargo test -p bluetick-store --test cql -- --ignored"]
+fn interrupted_registration_is_finished_by_its_repeat() {
+    RUNTIME.block_on(async {
+        let location = CqlLocation::parse(&test_url()).unwrap();
+        let inbox = CqlInboxStore::open(&location).await.unwrap();
+        let accounts = bluetick_store::open_account_store(&test_url())
+            .await
+            .unwrap();
+        let user_id = unique_id("carol");
+        let token = conformance::token_hash("carol");
+        // What the interrupted registration left: the user row of its lightweight
+        // transaction, no devices.
+        let driver = inbox.session().driver();
+        let create = driver
+            .prepare(
+                "INSERT INTO users (user_id, display_name, created_at_ms, device_count, \
+                 registration_token_hash) VALUES (?, 'Carol', 1000, 1, ?) IF NOT EXISTS",
+            )
+            .await
+            .unwrap();
+        driver
+            .execute_unpaged(&create, (user_id.as_str(), token.to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(accounts.authenticate(token).await.unwrap(), None);
+
+        let other = accounts
+            .create_user(&user_id, "Mallory", 2_000, conformance::token_hash("other"))
+            .await;
+        assert!(
+            matches!(other, Err(bluetick_store::StoreError::AlreadyExists(_))),
+            "another token finds the name taken: {other:?}"
+        );
+        accounts
+            .create_user(&user_id, "Carol", 3_000, token)
+            .await
+            .expect("the repeat finishes the registration");
+        assert_eq!(
+            accounts.authenticate(token).await.unwrap(),
+            Some(DeviceAddress::new(user_id.clone(), 1))
+        );
+        let user = accounts.get_user(&user_id).await.unwrap().unwrap();
+        assert_eq!((user.created_at_ms, user.device_ids), (1_000, vec![1]));
+    });
+}
+
+/// The schema set-up survives a start that died after adding a column but before recording
+/// the version: the next start finds the column and records the version.
+#[test]
+#[ignore = "needs a CQL engine: scripts/cassandra.sh start, then BLUETICK_TEST_CQL_URL=… cargo test -p bluetick-store --test cql -- --ignored"]
+fn schema_setup_is_repeatable_after_a_partial_upgrade() {
+    RUNTIME.block_on(async {
+        let location = CqlLocation::parse(&test_url()).unwrap();
+        let inbox = CqlInboxStore::open(&location).await.unwrap();
+        let driver = inbox.session().driver();
+        driver
+            .query_unpaged(
+                "DELETE FROM schema_version WHERE component = 'bluetick-store' AND version = 2",
+                (),
+            )
+            .await
+            .unwrap();
+        // A fresh, unshared session applies version 2 again.
+        bluetick_store::cql::CqlSession::connect(location.clone())
+            .await
+            .expect("version 2 applies over its own column");
+        let versions = driver
+            .query_unpaged(
+                "SELECT version FROM schema_version WHERE component = 'bluetick-store'",
+                (),
+            )
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap()
+            .rows::<(i32,)>()
+            .unwrap()
+            .map(|row| row.unwrap().0)
+            .collect::<Vec<_>>();
+        assert!(
+            versions.contains(&2),
+            "version 2 recorded again: {versions:?}"
+        );
+    });
+}
+
 /// Once read messages are behind the device's floor, `pending` starts above them: the
 /// floor row moves past everything delivered, and later messages are still pending.
 #[test]

@@ -8,7 +8,7 @@ use bluetick_proto::common::v1::DeviceAddress;
 use bluetick_proto::gateway::v1::accounts_server::Accounts;
 use bluetick_proto::gateway::v1::keys_server::Keys;
 use bluetick_proto::gateway::v1::*;
-use bluetick_store::{IdentityKeys, PreKeyRecord, SignedPreKeyRecord, StoreError};
+use bluetick_store::{IdentityKeys, PreKeyRecord, SignedPreKeyRecord};
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -115,37 +115,21 @@ impl Accounts for AccountsService {
         } else {
             new_token()
         };
-        let created = self
-            .gateway
-            .accounts
-            .create_user(
-                &request.user_id,
-                &request.display_name,
-                now_ms(),
-                token_hash(&token),
-            )
-            .await;
-        match created {
-            Ok(()) => tracing::info!(user_id = %request.user_id, "user registered"),
-            Err(StoreError::AlreadyExists(taken)) => {
-                // A repeat of a registration that succeeded, whose answer was lost: this
-                // user's device 1 already answers to the chosen token. Answer it again.
-                let repeated = chosen
-                    && self
-                        .gateway
-                        .accounts
-                        .authenticate(token_hash(&token))
-                        .await?
-                        .is_some_and(|device| {
-                            device.user_id == request.user_id && device.device_id == 1
-                        });
-                if !repeated {
-                    return Err(StoreError::AlreadyExists(taken).into());
-                }
-                tracing::info!(user_id = %request.user_id, "registration repeated");
-            }
-            Err(error) => return Err(error.into()),
-        }
+        // Run to the end even if the caller goes away (its deadline passed): on a CQL engine
+        // registering is two writes, and a half-done one is only finished by a repeat with
+        // the same token, which a caller that let the server choose cannot make. A repeat
+        // with the chosen token (the answer was lost) is answered again by the store.
+        let accounts = self.gateway.accounts.clone();
+        let user_id = request.user_id.clone();
+        let hash = token_hash(&token);
+        tokio::spawn(async move {
+            accounts
+                .create_user(&user_id, &request.display_name, now_ms(), hash)
+                .await
+        })
+        .await
+        .map_err(|_| Status::internal("registration task failed"))??;
+        tracing::info!(user_id = %request.user_id, chosen_token = chosen, "user registered");
         Ok(Response::new(RegisterResponse {
             device_id: 1,
             token,

@@ -50,6 +50,8 @@ struct Statements {
     create_user: PreparedStatement,
     read_user: PreparedStatement,
     read_device_count: PreparedStatement,
+    /// The token hash a user was registered with, at SERIAL consistency.
+    read_registration: PreparedStatement,
     bump_device_count: PreparedStatement,
     insert_device: PreparedStatement,
     insert_token: PreparedStatement,
@@ -95,11 +97,18 @@ impl CqlAccountStore {
             .prepare("SELECT device_count FROM users WHERE user_id = ?", true)
             .await?;
         read_device_count.set_consistency(serial);
+        let mut read_registration = session
+            .prepare(
+                "SELECT registration_token_hash FROM users WHERE user_id = ?",
+                true,
+            )
+            .await?;
+        read_registration.set_consistency(serial);
         let statements = Statements {
             create_user: session
                 .prepare(
-                    "INSERT INTO users (user_id, display_name, created_at_ms, device_count) \
-                     VALUES (?, ?, ?, 1) IF NOT EXISTS",
+                    "INSERT INTO users (user_id, display_name, created_at_ms, device_count, \
+                     registration_token_hash) VALUES (?, ?, ?, 1, ?) IF NOT EXISTS",
                     false,
                 )
                 .await?,
@@ -110,6 +119,7 @@ impl CqlAccountStore {
                 )
                 .await?,
             read_device_count,
+            read_registration,
             bump_device_count: session
                 .prepare(
                     "UPDATE users SET device_count = ? WHERE user_id = ? IF device_count = ?",
@@ -296,11 +306,38 @@ impl AccountStore for CqlAccountStore {
             .session
             .execute_conditional(
                 &self.statements.create_user,
-                (user_id, display_name, ms_to_cql(created_at_ms)),
+                (
+                    user_id,
+                    display_name,
+                    ms_to_cql(created_at_ms),
+                    token_hash.to_vec(),
+                ),
             )
-            .await?;
-        if !created {
-            return Err(StoreError::AlreadyExists(format!("user {user_id}")));
+            .await;
+        match created {
+            Ok(true) => {}
+            // Not applied, or a timed-out Paxos round that may have been: whose user is it?
+            Ok(false) | Err(StoreError::Unavailable(_)) => {
+                let row: Option<(Option<Vec<u8>>,)> = self
+                    .session
+                    .first_row(&self.statements.read_registration, (user_id,))
+                    .await?;
+                match row {
+                    // This registration, earlier: finish it (the device rows may be
+                    // missing) by writing them again.
+                    Some((Some(registered),)) if registered == token_hash => {}
+                    Some(_) => return Err(StoreError::AlreadyExists(format!("user {user_id}"))),
+                    None => match created {
+                        Err(error) => return Err(error),
+                        Ok(_) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "user {user_id} neither created nor found"
+                            )));
+                        }
+                    },
+                }
+            }
+            Err(error) => return Err(error),
         }
         self.write_device(user_id, 1, token_hash).await
     }

@@ -28,7 +28,10 @@ use super::{CqlLocation, decode_error, execution_error, new_session_error, pager
 use crate::{StoreError, StoreResult};
 
 /// The schema versions, in order: `(version, CQL text)`. Never edit an applied version.
-const SCHEMA_VERSIONS: &[(i32, &str)] = &[(1, include_str!("../../schema/v1.cql"))];
+const SCHEMA_VERSIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../schema/v1.cql")),
+    (2, include_str!("../../schema/v2.cql")),
+];
 
 /// How many times the schema set-up is tried before the store fails to open.
 const SCHEMA_ATTEMPTS: u32 = 10;
@@ -181,6 +184,12 @@ impl CqlSession {
             }
             tracing::info!(keyspace = %keyspace, version, "applying cql schema version");
             for statement in schema_statements(text) {
+                if let Some((table, column)) = added_column(&statement)
+                    && self.has_column(table, column).await?
+                {
+                    // Added by an earlier start that died before recording the version.
+                    continue;
+                }
                 self.ddl(&statement).await?;
             }
             self.agree().await?;
@@ -195,6 +204,21 @@ impl CqlSession {
             .await?;
         }
         Ok(())
+    }
+
+    /// Returns whether `table` of this keyspace has `column`.
+    async fn has_column(&self, table: &str, column: &str) -> StoreResult<bool> {
+        let statement = self
+            .prepare(
+                "SELECT column_name FROM system_schema.columns \
+                 WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                true,
+            )
+            .await?;
+        let row: Option<(String,)> = self
+            .first_row(&statement, (self.location.keyspace.as_str(), table, column))
+            .await?;
+        Ok(row.is_some())
     }
 
     /// Waits until every node reports the same schema version.
@@ -418,9 +442,51 @@ fn schema_statements(text: &str) -> Vec<String> {
     statements
 }
 
+/// `(table, column)` of an `ALTER TABLE <table> ADD <column> <type>` statement. CQL has no
+/// `ADD IF NOT EXISTS` on every engine, so the set-up checks for the column first.
+fn added_column(statement: &str) -> Option<(&str, &str)> {
+    let mut words = statement.split_whitespace();
+    let keyword = |word: Option<&str>, expected: &str| {
+        word.is_some_and(|word| word.eq_ignore_ascii_case(expected))
+    };
+    if !keyword(words.next(), "ALTER") || !keyword(words.next(), "TABLE") {
+        return None;
+    }
+    let table = words.next()?;
+    if !keyword(words.next(), "ADD") {
+        return None;
+    }
+    Some((table, words.next()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn added_columns_are_recognised() {
+        assert_eq!(
+            added_column("ALTER TABLE users ADD registration_token_hash blob"),
+            Some(("users", "registration_token_hash"))
+        );
+        assert_eq!(
+            added_column("alter table users\nadd x int"),
+            Some(("users", "x"))
+        );
+        assert_eq!(added_column("ALTER TABLE users WITH comment = 'x'"), None);
+        assert_eq!(
+            added_column("CREATE TABLE IF NOT EXISTS t (a int PRIMARY KEY)"),
+            None
+        );
+        // Every later schema version's ALTER is one the set-up can check.
+        for (_, text) in SCHEMA_VERSIONS {
+            for statement in schema_statements(text) {
+                if statement.to_ascii_uppercase().starts_with("ALTER") {
+                    assert!(added_column(&statement).is_some(), "{statement}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn schema_v1_splits_into_create_statements() {

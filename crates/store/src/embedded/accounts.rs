@@ -131,7 +131,15 @@ fn create_user_in(
 ) -> StoreResult<()> {
     let mut users = transaction.open_table(USERS)?;
     let mut tokens = transaction.open_table(TOKENS)?;
+    let device = codec::device_key(&DeviceAddress::new(user_id, 1));
     if users.get(user_id)?.is_some() {
+        // One transaction creates user and device together: a repeat finds both.
+        let repeat = tokens
+            .get(token_hash.as_slice())?
+            .is_some_and(|owner| owner.value() == device.as_slice());
+        if repeat {
+            return Ok(());
+        }
         return Err(StoreError::AlreadyExists(format!("user {user_id}")));
     }
     if tokens.get(token_hash.as_slice())?.is_some() {
@@ -144,7 +152,6 @@ fn create_user_in(
         device_ids: vec![1],
     };
     users.insert(user_id, encode_user(&user).as_slice())?;
-    let device = codec::device_key(&DeviceAddress::new(user_id, 1));
     tokens.insert(token_hash.as_slice(), device.as_slice())?;
     Ok(())
 }
