@@ -12,8 +12,11 @@
 //! thread takes every queued write job (up to [`MAX_BATCH_JOBS`]), applies them all in one
 //! write transaction, commits once with [`redb::Durability::Immediate`] and then releases each
 //! waiter with its own result. One fsync is thus shared by every writer waiting at that
-//! moment, so durability does not cap throughput. Reads run on the blocking pool
-//! (`spawn_blocking`) against a snapshot, never on the async runtime.
+//! moment, so durability does not cap throughput. Reads run against a snapshot: point reads
+//! (a key or two, served from redb's page cache in microseconds) on the calling task, since
+//! a hand-off to the blocking pool and back costs more than the read; scans and reads of
+//! many keys on the blocking pool (`spawn_blocking`). Making the read of the recipient's
+//! devices on every send a point read doubled `online` throughput (BENCHMARKS.md).
 //!
 //! Keys are hand-encoded byte strings whose byte order is the logical order (big-endian
 //! integers, length-prefixed strings); values use the compact binary layout of [`codec`].
@@ -53,6 +56,18 @@ fn open_database(dir: &Path, file_name: &str) -> StoreResult<Arc<Database>> {
         ))
     })?;
     Ok(Arc::new(database))
+}
+
+/// Runs a point read (a few key lookups, never a scan) against a fresh snapshot of
+/// `database` on the calling task. redb serves such reads from its page cache in a few
+/// microseconds, less than a hand-off to the blocking pool and back costs; the hot ones
+/// (the recipient's devices on every send, the token on every call) are point reads.
+fn read_point<T>(
+    database: &Database,
+    read: impl FnOnce(&ReadTransaction) -> StoreResult<T>,
+) -> StoreResult<T> {
+    let transaction = database.begin_read()?;
+    read(&transaction)
 }
 
 /// Runs `read` against a fresh snapshot of `database` on the blocking pool.

@@ -18,7 +18,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::codec::{self, Decoder, Encoder};
 use super::committer::GroupCommitter;
-use super::{open_database, read_snapshot};
+use super::{open_database, read_point, read_snapshot};
 use crate::{
     AccountStore, DeviceKeys, IdentityKeys, PreKeyRecord, SignedPreKeyRecord, StoreError,
     StoreResult, UserRecord,
@@ -292,26 +292,23 @@ impl AccountStore for EmbeddedAccountStore {
     }
 
     async fn get_user(&self, user_id: &str) -> StoreResult<Option<UserRecord>> {
-        let user_id = user_id.to_string();
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let users = transaction.open_table(USERS)?;
             users
-                .get(user_id.as_str())?
-                .map(|value| decode_user(&user_id, value.value()))
+                .get(user_id)?
+                .map(|value| decode_user(user_id, value.value()))
                 .transpose()
         })
-        .await
     }
 
     async fn authenticate(&self, token_hash: [u8; 32]) -> StoreResult<Option<DeviceAddress>> {
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let tokens = transaction.open_table(TOKENS)?;
             tokens
                 .get(token_hash.as_slice())?
                 .map(|value| Decoder::new(value.value()).device())
                 .transpose()
         })
-        .await
     }
 
     async fn publish_keys(
@@ -337,7 +334,7 @@ impl AccountStore for EmbeddedAccountStore {
 
     async fn device_keys(&self, device: &DeviceAddress) -> StoreResult<Option<DeviceKeys>> {
         let device_key = codec::device_key(device);
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let identity_keys = transaction.open_table(IDENTITY_KEYS)?;
             let Some(identity_value) = identity_keys.get(device_key.as_slice())? else {
                 return Ok(None);
@@ -364,7 +361,6 @@ impl AccountStore for EmbeddedAccountStore {
                 signed_prekey,
             }))
         })
-        .await
     }
 
     async fn claim_one_time_prekey(

@@ -19,7 +19,7 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::codec::{self, Decoder, Encoder};
 use super::committer::GroupCommitter;
-use super::{open_database, read_snapshot};
+use super::{open_database, read_point, read_snapshot};
 use crate::{AcceptOutcome, AcceptRecord, InboxStore, StoreResult, StoredMessage};
 
 const UNDELIVERED: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("undelivered");
@@ -316,7 +316,7 @@ impl InboxStore for EmbeddedInboxStore {
 
     async fn contains(&self, device: &DeviceAddress, message_id: u64) -> StoreResult<bool> {
         let key = codec::device_row_key(device, message_id);
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let undelivered = transaction.open_table(UNDELIVERED)?;
             if undelivered.get(key.as_slice())?.is_some() {
                 return Ok(true);
@@ -324,7 +324,6 @@ impl InboxStore for EmbeddedInboxStore {
             let delivered = transaction.open_table(DELIVERED)?;
             Ok(delivered.get(key.as_slice())?.is_some())
         })
-        .await
     }
 
     async fn purge_expired(&self, now_ms: u64) -> StoreResult<u64> {

@@ -12,7 +12,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::codec::{Decoder, Encoder};
 use super::committer::GroupCommitter;
-use super::{open_database, read_snapshot};
+use super::{open_database, read_point};
 use crate::{PresenceStore, Privacy, StoreResult};
 
 const LAST_SEEN: TableDefinition<'_, &str, u64> = TableDefinition::new("last_seen");
@@ -80,12 +80,10 @@ impl PresenceStore for EmbeddedPresenceStore {
     }
 
     async fn last_seen(&self, user_id: &str) -> StoreResult<Option<u64>> {
-        let user_id = user_id.to_string();
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let last_seen = transaction.open_table(LAST_SEEN)?;
-            Ok(last_seen.get(user_id.as_str())?.map(|value| value.value()))
+            Ok(last_seen.get(user_id)?.map(|value| value.value()))
         })
-        .await
     }
 
     async fn set_visibility(
@@ -122,17 +120,16 @@ impl PresenceStore for EmbeddedPresenceStore {
     }
 
     async fn privacy(&self, user_id: &str) -> StoreResult<Privacy> {
-        let user_id = user_id.to_string();
-        read_snapshot(&self.database, move |transaction| {
+        read_point(&self.database, |transaction| {
             let visibility_table = transaction.open_table(VISIBILITY)?;
             let visibility = visibility_table
-                .get(user_id.as_str())?
+                .get(user_id)?
                 .map_or(LastSeenVisibility::Everyone, |value| {
                     decode_visibility(value.value())
                 });
             let contacts_table = transaction.open_table(CONTACTS)?;
             let mut contacts = Vec::new();
-            if let Some(value) = contacts_table.get(user_id.as_str())? {
+            if let Some(value) = contacts_table.get(user_id)? {
                 let mut decoder = Decoder::new(value.value());
                 let count = decoder.u32()?;
                 for _ in 0..count {
@@ -144,6 +141,5 @@ impl PresenceStore for EmbeddedPresenceStore {
                 contacts,
             })
         })
-        .await
     }
 }
