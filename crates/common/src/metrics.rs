@@ -181,7 +181,7 @@ pub async fn spawn_metrics_server(
     address: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind(address).await?;
+    let listener = crate::server::listen(address).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         if let Err(error) = serve_metrics(listener, shutdown).await {

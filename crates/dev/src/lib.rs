@@ -130,7 +130,7 @@ pub struct DevCluster {
 }
 
 async fn bind(host: &str, port: u16) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind((host, port))
+    let listener = bluetick_common::server::listen((host, port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
     let address = listener.local_addr()?;

@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = bluetick_common::telemetry::init_tracing("bluetick-ack", args.log);
     let mut config = AckConfig::new(args.store, args.presence_url);
     config.node_id = args.node_id;
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let listener = bluetick_common::server::listen(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "ack listening");
     let shutdown = bluetick_common::telemetry::shutdown_on_signals();
     if let Some(address) = &args.metrics_addr {

@@ -85,8 +85,8 @@ async fn main() -> anyhow::Result<()> {
     config.advertise_internal_url = args.advertise_url;
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.max_payload_bytes = args.max_payload_bytes;
-    let public = tokio::net::TcpListener::bind(&args.listen).await?;
-    let internal = tokio::net::TcpListener::bind(&args.internal_listen).await?;
+    let public = bluetick_common::server::listen(&args.listen).await?;
+    let internal = bluetick_common::server::listen(&args.internal_listen).await?;
     tracing::info!(public = %public.local_addr()?, internal = %internal.local_addr()?, "gateway listening");
     let shutdown = bluetick_common::telemetry::shutdown_on_signals();
     if let Some(address) = &args.metrics_addr {

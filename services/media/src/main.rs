@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         auth_cache_ttl_secs: args.auth_cache_ttl_secs,
         ..MediaConfig::default()
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = bluetick_common::server::listen(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
     let shutdown = shutdown_on_signals();

@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     config.message_ttl = Duration::from_secs(args.message_ttl_days * 24 * 3600);
     config.max_payload_bytes = args.max_payload_bytes;
     config.node_id = args.node_id;
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let listener = bluetick_common::server::listen(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "messaging listening");
     let shutdown = bluetick_common::telemetry::shutdown_on_signals();
     if let Some(address) = &args.metrics_addr {

@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = PresenceConfig::new(args.store);
     config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     config.warm_up = Duration::from_millis(args.warm_up_ms);
-    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    let listener = bluetick_common::server::listen(&args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "presence listening");
     let shutdown = bluetick_common::telemetry::shutdown_on_signals();
     if let Some(address) = &args.metrics_addr {
