@@ -257,17 +257,7 @@ impl CqlInboxStore {
         if let Some(ttl) = ttl_seconds(claim.expires_at_ms, now_ms) {
             for (device_id, payload) in &claim.envelopes {
                 batch.append_statement(self.statements.insert_message.clone());
-                values.push(Box::new((
-                    claim.recipient_user_id.clone(),
-                    device_to_cql(*device_id),
-                    id_to_cql(claim.message_id),
-                    claim.sender.user_id.clone(),
-                    device_to_cql(claim.sender.device_id),
-                    ms_to_cql(claim.sent_at_ms),
-                    ms_to_cql(claim.expires_at_ms),
-                    payload.to_vec(),
-                    ttl,
-                )));
+                values.push(envelope_values(claim, *device_id, payload, ttl));
             }
         }
         batch.append_statement(self.statements.insert_commit.clone());
@@ -307,18 +297,10 @@ impl CqlInboxStore {
             let mut insert_message = self.statements.insert_message.clone();
             insert_message.set_timestamp(timestamp_opt);
             let writes = claim.envelopes.iter().map(|(device_id, payload)| {
-                let value: BatchValue = Box::new((
-                    claim.recipient_user_id.clone(),
-                    device_to_cql(*device_id),
-                    id_to_cql(claim.message_id),
-                    claim.sender.user_id.clone(),
-                    device_to_cql(claim.sender.device_id),
-                    ms_to_cql(claim.sent_at_ms),
-                    ms_to_cql(claim.expires_at_ms),
-                    payload.to_vec(),
-                    ttl,
-                ));
-                self.session.execute(&insert_message, value)
+                self.session.execute(
+                    &insert_message,
+                    envelope_values(claim, *device_id, payload, ttl),
+                )
             });
             futures::future::try_join_all(writes).await?;
         }
@@ -552,6 +534,21 @@ impl Claim {
             .sum();
         rows + ROW_OVERHEAD_BYTES
     }
+}
+
+/// The values of `claim`'s inbox row for `device_id`, written with `ttl` seconds to live.
+fn envelope_values(claim: &Claim, device_id: u32, payload: &Bytes, ttl: i32) -> BatchValue {
+    Box::new((
+        claim.recipient_user_id.clone(),
+        device_to_cql(device_id),
+        id_to_cql(claim.message_id),
+        claim.sender.user_id.clone(),
+        device_to_cql(claim.sender.device_id),
+        ms_to_cql(claim.sent_at_ms),
+        ms_to_cql(claim.expires_at_ms),
+        payload.to_vec(),
+        ttl,
+    ))
 }
 
 /// The commit marker's values for `claim`.
