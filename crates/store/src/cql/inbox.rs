@@ -270,7 +270,7 @@ impl CqlInboxStore {
     /// time (a repair writes with the claim's, so a later delete still wins).
     async fn write_claims(
         &self,
-        claims: &[Claim],
+        claims: &[&Claim],
         timestamp_opt: Option<i64>,
         now_ms: u64,
     ) -> StoreResult<()> {
@@ -312,54 +312,41 @@ impl CqlInboxStore {
         Ok(())
     }
 
-    /// Writes claimed messages in order: consecutive small ones share a logged batch, a
-    /// large one goes alone. Each write starts after the previous one returned, so the
-    /// messages become visible in order. On failure, returns how many were written first.
+    /// Writes claimed messages in order: consecutive small ones with the same write time
+    /// share a logged batch, a large one goes alone. Each write starts after the previous
+    /// one returned, so the messages become visible in order. On failure, returns how many
+    /// were written first.
     async fn write_in_order(
         &self,
-        claims: &[Claim],
-        timestamp_opt: Option<i64>,
+        writes: &[Write],
         now_ms: u64,
     ) -> Result<(), (usize, StoreError)> {
         let mut start = 0;
-        while start < claims.len() {
+        while start < writes.len() {
+            let timestamp_opt = writes[start].timestamp_opt;
             let mut end = start + 1;
-            let mut bytes = claims[start].batch_bytes();
-            while end < claims.len() && bytes + claims[end].batch_bytes() <= MAX_BATCH_BYTES {
-                bytes += claims[end].batch_bytes();
+            let mut bytes = writes[start].claim.batch_bytes();
+            while end < writes.len()
+                && writes[end].timestamp_opt == timestamp_opt
+                && bytes + writes[end].claim.batch_bytes() <= MAX_BATCH_BYTES
+            {
+                bytes += writes[end].claim.batch_bytes();
                 end += 1;
             }
             let written = if bytes > MAX_BATCH_BYTES {
-                self.write_large_claim(&claims[start], timestamp_opt, now_ms)
+                self.write_large_claim(&writes[start].claim, timestamp_opt, now_ms)
                     .await
             } else {
-                self.write_claims(&claims[start..end], timestamp_opt, now_ms)
-                    .await
+                let claims: Vec<&Claim> = writes[start..end]
+                    .iter()
+                    .map(|write| &write.claim)
+                    .collect();
+                self.write_claims(&claims, timestamp_opt, now_ms).await
             };
             written.map_err(|error| (start, error))?;
             start = end;
         }
         Ok(())
-    }
-
-    /// Writes `run` (claims with their positions in `outcomes`) in order and empties it. On
-    /// failure the unwritten claims' outcomes become the error, which is returned.
-    async fn write_run(
-        &self,
-        run: &mut Vec<(usize, Claim)>,
-        timestamp_opt: Option<i64>,
-        now_ms: u64,
-        outcomes: &mut [StoreResult<AcceptOutcome>],
-    ) -> Option<StoreError> {
-        let (indexes, claims): (Vec<usize>, Vec<Claim>) = std::mem::take(run).into_iter().unzip();
-        let (written, error) = self
-            .write_in_order(&claims, timestamp_opt, now_ms)
-            .await
-            .err()?;
-        for index in &indexes[written..] {
-            outcomes[*index] = Err(error.clone());
-        }
-        Some(error)
     }
 
     /// Claims `(sender, client_msg_id)` for `record` with a lightweight transaction, or
@@ -574,6 +561,15 @@ enum Claimed {
     Repair(Claim, i64),
 }
 
+/// A claimed message to write, at its position among the batch's outcomes; a repair pins
+/// the write time to its claim's.
+#[derive(Debug)]
+struct Write {
+    index: usize,
+    claim: Claim,
+    timestamp_opt: Option<i64>,
+}
+
 #[async_trait]
 impl InboxStore for CqlInboxStore {
     async fn accept_batch(&self, records: Vec<AcceptRecord>) -> Vec<StoreResult<AcceptOutcome>> {
@@ -583,53 +579,55 @@ impl InboxStore for CqlInboxStore {
             futures::future::join_all(records.into_iter().map(|record| self.claim(record, now_ms)))
                 .await;
         let mut outcomes: Vec<StoreResult<AcceptOutcome>> = Vec::with_capacity(claims.len());
-        // This call's claims not yet written, in order.
-        let mut run: Vec<(usize, Claim)> = Vec::new();
+        let mut writes: Vec<Write> = Vec::new();
         // Once a record failed, no later one may be written: it would be visible first.
         let mut failed_opt: Option<StoreError> = None;
         for claimed in claims {
             let index = outcomes.len();
-            if let Some(failure) = &failed_opt {
-                outcomes.push(match claimed {
-                    Ok(Claimed::Duplicate(original)) => Ok(original.duplicate()),
-                    Ok(Claimed::Ours(_) | Claimed::Repair(..)) => Err(failure.clone()),
-                    Err(error) => Err(error),
-                });
-                continue;
-            }
-            match claimed {
-                Ok(Claimed::Ours(claim)) => {
-                    outcomes.push(Ok(AcceptOutcome::Stored));
-                    run.push((index, claim));
-                }
-                Ok(Claimed::Duplicate(original)) => outcomes.push(Ok(original.duplicate())),
+            let (outcome, write_opt) = match claimed {
+                Ok(Claimed::Ours(claim)) => (
+                    Ok(AcceptOutcome::Stored),
+                    Some(Write {
+                        index,
+                        claim,
+                        timestamp_opt: None,
+                    }),
+                ),
+                Ok(Claimed::Duplicate(original)) => (Ok(original.duplicate()), None),
+                // Written again from the claim, with the claim's write time.
                 Ok(Claimed::Repair(original, written_at)) => {
-                    outcomes.push(Ok(original.duplicate()));
-                    // The claims before it first, then it alone, with its claim's time.
-                    failed_opt = self.write_run(&mut run, None, now_ms, &mut outcomes).await;
-                    if let Some(failure) = &failed_opt {
-                        outcomes[index] = Err(failure.clone());
-                        continue;
-                    }
                     tracing::info!(
                         sender = %original.sender,
                         message_id = original.message_id,
                         "finishing an accept whose inbox write is missing"
                     );
-                    let mut repair = vec![(index, original)];
-                    failed_opt = self
-                        .write_run(&mut repair, Some(written_at), now_ms, &mut outcomes)
-                        .await;
+                    (
+                        Ok(original.duplicate()),
+                        Some(Write {
+                            index,
+                            claim: original,
+                            timestamp_opt: Some(written_at),
+                        }),
+                    )
                 }
                 Err(error) => {
-                    let earlier = self.write_run(&mut run, None, now_ms, &mut outcomes).await;
-                    failed_opt = Some(earlier.unwrap_or_else(|| error.clone()));
-                    outcomes.push(Err(error));
+                    failed_opt.get_or_insert_with(|| error.clone());
+                    (Err(error), None)
                 }
+            };
+            match (write_opt, &failed_opt) {
+                (Some(_), Some(failure)) => outcomes.push(Err(failure.clone())),
+                (Some(write), None) => {
+                    outcomes.push(outcome);
+                    writes.push(write);
+                }
+                (None, _) => outcomes.push(outcome),
             }
         }
-        if failed_opt.is_none() {
-            self.write_run(&mut run, None, now_ms, &mut outcomes).await;
+        if let Err((written, error)) = self.write_in_order(&writes, now_ms).await {
+            for write in &writes[written..] {
+                outcomes[write.index] = Err(error.clone());
+            }
         }
         outcomes
     }
