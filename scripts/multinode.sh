@@ -76,6 +76,12 @@ cleanup() {
     if ((status != 0)); then
         log "multinode failed; service logs in ${RUN}"
         grep -l "panicked" "${RUN}"/*.log 2>/dev/null | head -n 5 >&2 || true
+        # A service that exited on an error: its last words, one line each, for the CI summary.
+        local service_log
+        for service_log in "${RUN}"/*.log; do
+            [[ -f "$service_log" ]] || continue
+            grep -a "^Error: " "$service_log" | tail -n 1 | sed "s|^|$(basename "$service_log" .log) exited: |" >&2 || true
+        done
     fi
     exit "$status"
 }

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bluetick_client::proto::gateway::v1::DevicePayload;
 use bluetick_client::{
     BluetickClient, ChatConfig, ChatEvent, Content, new_client_msg_id, new_device_token,
@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
                     attempts += 1;
                     tracing_free_pause(&error).await;
                 }
-                Err(error) => return Err(error).with_context(|| format!("register {name}")),
+                Err(error) => bail!("register {name}: {error}"),
             }
         };
         let client = BluetickClient::new(credentials)?;

@@ -36,6 +36,11 @@ const SCHEMA_VERSIONS: &[(i32, &str)] = &[
 /// How many times the schema set-up is tried before the store fails to open.
 const SCHEMA_ATTEMPTS: u32 = 10;
 
+/// How many times a statement refused as invalid is prepared before the refusal counts
+/// (see [`CqlSession::prepare`]), and the pause between attempts.
+const PREPARE_ATTEMPTS: u32 = 20;
+const PREPARE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The `schema_version` component this crate records its versions under.
 const SCHEMA_COMPONENT: &str = "bluetick-store";
 
@@ -244,6 +249,11 @@ impl CqlSession {
     /// Prepares a data statement. `idempotent` statements may be retried by the driver
     /// after a timeout; conditional (LWT) statements must not be marked so.
     ///
+    /// A node may refuse a statement as invalid because a schema change another process just
+    /// made has not reached it yet (several services set the schema up at once on a fresh
+    /// cluster): such a refusal is tried again after schema agreement, for
+    /// [`PREPARE_ATTEMPTS`] attempts, before it counts.
+    ///
     /// # Errors
     /// [`StoreError::Unavailable`] if no node answers, [`StoreError::Internal`] if the
     /// statement is refused.
@@ -252,17 +262,24 @@ impl CqlSession {
         statement: &str,
         idempotent: bool,
     ) -> StoreResult<PreparedStatement> {
-        let mut prepared = self.session.prepare(statement).await.map_err(|error| {
-            let message = format!("failed to prepare {statement:?}: {error}");
-            match error {
-                scylla::errors::PrepareError::AllAttemptsFailed { first_attempt }
-                    if !super::attempt_error_is_transient(&first_attempt) =>
-                {
-                    StoreError::Internal(message)
+        let mut attempt = 1;
+        let mut prepared = loop {
+            match self.session.prepare(statement).await {
+                Ok(prepared) => break prepared,
+                Err(error) if attempt < PREPARE_ATTEMPTS && refused_as_invalid(&error) => {
+                    tracing::warn!(
+                        %error,
+                        attempt,
+                        statement,
+                        "statement refused, retrying after schema agreement"
+                    );
+                    let _ = self.session.await_schema_agreement().await;
+                    tokio::time::sleep(PREPARE_RETRY_PAUSE).await;
+                    attempt += 1;
                 }
-                _ => StoreError::Unavailable(message),
+                Err(error) => return Err(prepare_error(statement, error)),
             }
-        })?;
+        };
         prepared.set_is_idempotent(idempotent);
         Ok(prepared)
     }
@@ -457,6 +474,33 @@ fn added_column(statement: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((table, words.next()?))
+}
+
+/// Maps a failed preparation: a refused statement is [`StoreError::Internal`], anything
+/// else (no node answered) [`StoreError::Unavailable`].
+fn prepare_error(statement: &str, error: scylla::errors::PrepareError) -> StoreError {
+    let message = format!("failed to prepare {statement:?}: {error}");
+    match error {
+        scylla::errors::PrepareError::AllAttemptsFailed { first_attempt }
+            if !super::attempt_error_is_transient(&first_attempt) =>
+        {
+            StoreError::Internal(message)
+        }
+        _ => StoreError::Unavailable(message),
+    }
+}
+
+/// Whether a node refused a statement as invalid (an unknown table or column, among others).
+fn refused_as_invalid(error: &scylla::errors::PrepareError) -> bool {
+    matches!(
+        error,
+        scylla::errors::PrepareError::AllAttemptsFailed {
+            first_attempt: scylla::errors::RequestAttemptError::DbError(
+                scylla::errors::DbError::Invalid,
+                _
+            ),
+        }
+    )
 }
 
 #[cfg(test)]
