@@ -803,42 +803,15 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
         handle.terminate(Status::unavailable("presence unavailable, reconnect"));
         return;
     }
-    let mut sent_in_backlog = HashSet::new();
-    let mut after = 0;
-    loop {
-        let page = match gateway
-            .messaging
-            .clone()
-            .fetch_backlog(with_deadline(FetchBacklogRequest {
-                device: Some(device.clone()),
-                after_message_id: after,
-                limit: BACKLOG_PAGE,
-            }))
-            .await
-        {
-            Ok(page) => page.into_inner(),
-            Err(status) => {
-                tracing::warn!(device = %device, %status, "backlog unavailable");
-                handle.terminate(Status::unavailable("backlog unavailable, reconnect"));
-                return;
-            }
-        };
-        for message in page.messages {
-            after = after.max(message.message_id);
-            sent_in_backlog.insert(message.message_id);
-            if handle
-                .outbound
-                .send(ServerFrame::of(Frame::Message(message)).into())
-                .await
-                .is_err()
-            {
-                return;
-            }
+    let sent_in_backlog = match send_backlog(&gateway, &handle).await {
+        Ok(Some(sent)) => sent,
+        Ok(None) => return,
+        Err(status) => {
+            tracing::warn!(device = %device, %status, "backlog unavailable");
+            handle.terminate(Status::unavailable("backlog unavailable, reconnect"));
+            return;
         }
-        if !page.more {
-            break;
-        }
-    }
+    };
     let mut receipts_sent = 0u32;
     let mut after_receipt = 0;
     loop {
@@ -883,6 +856,76 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
         return;
     }
     gateway.sessions.go_live(&handle, &sent_in_backlog).await;
+}
+
+/// Sends the device's stored messages, oldest first, and returns their ids; `Ok(None)` when
+/// the session's stream closed meanwhile.
+async fn send_backlog(
+    gateway: &Gateway,
+    handle: &SessionHandle,
+) -> Result<Option<HashSet<u64>>, Status> {
+    let mut sent = HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = gateway
+            .messaging
+            .clone()
+            .fetch_backlog(with_deadline(FetchBacklogRequest {
+                device: Some(handle.device.clone()),
+                after_message_id: after,
+                limit: BACKLOG_PAGE,
+            }))
+            .await?
+            .into_inner();
+        for message in page.messages {
+            after = after.max(message.message_id);
+            sent.insert(message.message_id);
+            if handle
+                .outbound
+                .send(ServerFrame::of(Frame::Message(message)).into())
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+        }
+        if !page.more {
+            return Ok(Some(sent));
+        }
+    }
+}
+
+/// Sends a live session its stored messages again, because a presence replica reported
+/// that it had no route (or a stale one) for it: a message located through that replica
+/// may have been stored without reaching this gateway. The device drops the copies it
+/// already has by id; nothing is sent if the session has ended or been replaced.
+fn resync(gateway: &Arc<Gateway>, device: &DeviceAddress, session_id: u64) {
+    let Some(handle) = gateway.sessions.current(device, session_id) else {
+        return;
+    };
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        let Ok(_sync_permit) = gateway.syncs.acquire().await else {
+            return;
+        };
+        tokio::select! {
+            biased;
+            _ = handle.cancel.cancelled() => {}
+            result = send_backlog(&gateway, &handle) => match result {
+                Ok(Some(sent)) => tracing::debug!(
+                    device = %handle.device,
+                    messages = sent.len(),
+                    "backlog sent again after a presence route repair"
+                ),
+                Ok(None) => {}
+                Err(status) => tracing::warn!(
+                    device = %handle.device,
+                    %status,
+                    "backlog unavailable after a presence route repair; it waits for the next connect"
+                ),
+            },
+        }
+    });
 }
 
 fn relay_typing(gateway: Arc<Gateway>, sender: DeviceAddress, typing: TypingNotice) {
@@ -998,14 +1041,30 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
                 gateway_endpoint: gateway.internal_url.clone(),
                 sessions: chunk.to_vec(),
             };
-            if let Err(status) = gateway
+            match gateway
                 .tell_every_presence(|mut presence| {
                     let request = with_deadline(report.clone());
-                    async move { presence.heartbeats(request).await.map(|_| ()) }
+                    async move {
+                        presence
+                            .heartbeats(request)
+                            .await
+                            .map(|response| response.into_inner().repaired)
+                    }
                 })
                 .await
             {
-                tracing::warn!(%status, "heartbeat report failed");
+                Ok(answers) => {
+                    // Two replicas may report the same session.
+                    let repaired: HashSet<(DeviceAddress, u64)> = answers
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|session| Some((session.device?, session.session_id)))
+                        .collect();
+                    for (device, session_id) in &repaired {
+                        resync(&gateway, device, *session_id);
+                    }
+                }
+                Err(status) => tracing::warn!(%status, "heartbeat report failed"),
             }
         }
         tracing::trace!(connected = gateway.sessions.len(), "heartbeats reported");

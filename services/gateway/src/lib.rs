@@ -250,10 +250,10 @@ impl Gateway {
     ///
     /// # Errors
     /// The last replica's status when no replica took the change.
-    pub(crate) async fn tell_every_presence<F, Fut>(&self, call: F) -> Result<(), Status>
+    pub(crate) async fn tell_every_presence<F, Fut, T>(&self, call: F) -> Result<Vec<T>, Status>
     where
         F: Fn(PresenceClient<InternalChannel>) -> Fut,
-        Fut: Future<Output = Result<(), Status>>,
+        Fut: Future<Output = Result<T, Status>>,
     {
         let peers = self.presence_peers.clients();
         let results = futures::future::join_all(peers.into_iter().map(|(endpoint, client)| {
@@ -262,16 +262,20 @@ impl Gateway {
         }))
         .await;
         let mut last_error = Status::unavailable("no presence replica reachable");
-        let mut any_ok = false;
+        let mut answers = Vec::new();
         for (endpoint, result) in results {
             match result {
-                Ok(()) => any_ok = true,
+                Ok(answer) => answers.push(answer),
                 Err(status) => {
                     tracing::debug!(%endpoint, %status, "presence replica missed a route change");
                     last_error = status;
                 }
             }
         }
-        if any_ok { Ok(()) } else { Err(last_error) }
+        if answers.is_empty() {
+            Err(last_error)
+        } else {
+            Ok(answers)
+        }
     }
 }

@@ -124,6 +124,18 @@ impl Sessions {
         }
     }
 
+    /// Returns the device's session if it is still `session_id`.
+    pub(crate) fn current(
+        &self,
+        device: &DeviceAddress,
+        session_id: u64,
+    ) -> Option<Arc<SessionHandle>> {
+        self.lock()
+            .get(device)
+            .filter(|entry| entry.handle.session_id == session_id)
+            .map(|entry| entry.handle.clone())
+    }
+
     /// Queues a frame for a connected device. Returns false if the device is not connected
     /// here. A device whose queue is full is disconnected.
     pub(crate) fn deliver(

@@ -72,7 +72,10 @@ pub async fn serve(
         config.flush_interval,
         shutdown.clone(),
     ));
-    let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(state)));
+    let routes = tonic::service::Routes::new(PresenceServer::new(PresenceService::new(
+        state,
+        config.warm_up,
+    )));
     let spec = ServerSpec {
         service_names: vec!["bluetick.presence.v1.Presence"],
         accept_http1: false,

@@ -1,6 +1,7 @@
 //! The gRPC face of presence: validates requests and calls [`PresenceState`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bluetick_proto::common::v1::LastSeenVisibility;
 use bluetick_proto::presence::v1::presence_server::Presence;
@@ -19,11 +20,17 @@ const MAX_WATCHED_USERS: usize = 1_000;
 #[derive(Clone, Debug)]
 pub struct PresenceService {
     state: Arc<PresenceState>,
+    /// The end of the warm-up: until then this replica reports NOT_SERVING, so no message
+    /// was located through it, and the routes it learns from heartbeats are not repairs.
+    warm_until: Instant,
 }
 
 impl PresenceService {
-    pub(crate) fn new(state: Arc<PresenceState>) -> Self {
-        Self { state }
+    pub(crate) fn new(state: Arc<PresenceState>, warm_up: Duration) -> Self {
+        Self {
+            state,
+            warm_until: Instant::now() + warm_up,
+        }
     }
 }
 
@@ -77,10 +84,22 @@ impl Presence for PresenceService {
                     .map(|device| (device, session.session_id, session.last_activity_ms))
             })
             .collect();
-        self.state
+        let mut repaired = self
+            .state
             .heartbeats(&request.gateway_endpoint, sessions)
             .await;
-        Ok(Response::new(HeartbeatsResponse {}))
+        if Instant::now() < self.warm_until {
+            repaired.clear();
+        }
+        let repaired = repaired
+            .into_iter()
+            .map(|(device, session_id)| SessionRef {
+                device: Some(device),
+                session_id,
+                last_activity_ms: 0,
+            })
+            .collect();
+        Ok(Response::new(HeartbeatsResponse { repaired }))
     }
 
     async fn locate(

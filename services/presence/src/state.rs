@@ -1,6 +1,7 @@
 //! In-memory presence: routes, online users, watchers and pending last-seen writes.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -150,14 +151,17 @@ impl PresenceState {
     }
 
     /// Refreshes routes from a gateway's heartbeat batch, re-creating routes this instance
-    /// did not know (after a presence restart).
+    /// did not know (after a presence restart, or an attach it missed). Returns the
+    /// `(device, session id)` whose route it had to set that way: a message located here
+    /// before may not have reached the device.
     pub(crate) async fn heartbeats(
         &self,
         gateway_endpoint: &str,
         sessions: Vec<(DeviceAddress, u64, u64)>,
-    ) {
+    ) -> Vec<(DeviceAddress, u64)> {
         let now = now_ms();
         let mut transitions = Vec::new();
+        let mut repaired = Vec::new();
         {
             let mut tables = self.tables();
             for (device, session_id, last_activity_ms) in sessions {
@@ -168,25 +172,33 @@ impl PresenceState {
                 };
                 let devices = tables.routes.entry(device.user_id.clone()).or_default();
                 let was_offline = devices.is_empty();
-                let route = devices
-                    .entry(device.device_id)
-                    .or_insert_with(|| DeviceRoute {
-                        gateway_endpoint: gateway_endpoint.to_string(),
-                        session_id,
-                        last_beat_ms: seen,
-                    });
-                if route.session_id == session_id {
-                    route.last_beat_ms = route.last_beat_ms.max(seen);
-                    route.gateway_endpoint = gateway_endpoint.to_string();
-                } else if seen > route.last_beat_ms {
-                    // A replica that missed an attach (it was down) still holds the route
-                    // of the device's previous stream, maybe on a gateway that died: the
-                    // session heard from last is the live one.
-                    *route = DeviceRoute {
-                        gateway_endpoint: gateway_endpoint.to_string(),
-                        session_id,
-                        last_beat_ms: seen,
-                    };
+                match devices.entry(device.device_id) {
+                    Entry::Vacant(vacant) => {
+                        // Missed the attach (or restarted since): no route until now.
+                        vacant.insert(DeviceRoute {
+                            gateway_endpoint: gateway_endpoint.to_string(),
+                            session_id,
+                            last_beat_ms: seen,
+                        });
+                        repaired.push((device.clone(), session_id));
+                    }
+                    Entry::Occupied(mut occupied) => {
+                        let route = occupied.get_mut();
+                        if route.session_id == session_id {
+                            route.last_beat_ms = route.last_beat_ms.max(seen);
+                            route.gateway_endpoint = gateway_endpoint.to_string();
+                        } else if seen > route.last_beat_ms {
+                            // A replica that missed an attach (it was down) still holds the
+                            // route of the device's previous stream, maybe on a gateway that
+                            // died: the session heard from last is the live one.
+                            *route = DeviceRoute {
+                                gateway_endpoint: gateway_endpoint.to_string(),
+                                session_id,
+                                last_beat_ms: seen,
+                            };
+                            repaired.push((device.clone(), session_id));
+                        }
+                    }
                 }
                 let entry = tables
                     .dirty_last_seen
@@ -205,6 +217,7 @@ impl PresenceState {
         for transition in transitions {
             self.announce(transition).await;
         }
+        repaired
     }
 
     /// Returns the routes of the connected devices of `user_ids`.
@@ -434,5 +447,57 @@ mod tests {
         };
         assert!(!may_see("bob", "alice", &nobody));
         assert!(may_see("carol", "alice", &Privacy::default()));
+    }
+
+    /// A heartbeat reports the routes it had to set: a device this replica never saw
+    /// attach, and a session newer than the one it knew. A route it knew is no repair.
+    #[tokio::test]
+    async fn heartbeats_report_the_routes_they_repair() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = bluetick_store::open_presence_store(&dir.path().to_string_lossy())
+            .await
+            .unwrap();
+        let state = PresenceState::new(store, Duration::from_secs(15));
+        let known = DeviceAddress::new("alice".to_string(), 1);
+        let missed = DeviceAddress::new("bob".to_string(), 1);
+        state.attach(&known, "http://gw-1", 10).await;
+        let now = now_ms();
+
+        let repaired = state
+            .heartbeats(
+                "http://gw-1",
+                vec![(known.clone(), 10, now), (missed.clone(), 20, now)],
+            )
+            .await;
+        assert_eq!(
+            repaired,
+            vec![(missed.clone(), 20)],
+            "only the unknown route"
+        );
+        assert_eq!(
+            state.locate(&["bob".to_string()])[0].gateway_endpoint,
+            "http://gw-1"
+        );
+
+        // Alice reconnected through gw-2 while this replica missed the attach.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let later = now_ms();
+        let repaired = state
+            .heartbeats("http://gw-2", vec![(known.clone(), 11, later)])
+            .await;
+        assert_eq!(repaired, vec![(known.clone(), 11)], "the newer session");
+        assert_eq!(
+            state.locate(&["alice".to_string()])[0].gateway_endpoint,
+            "http://gw-2"
+        );
+
+        // Once repaired, the same heartbeats are no repairs.
+        let repaired = state
+            .heartbeats(
+                "http://gw-2",
+                vec![(known.clone(), 11, later), (missed, 20, later)],
+            )
+            .await;
+        assert!(repaired.is_empty(), "{repaired:?}");
     }
 }
