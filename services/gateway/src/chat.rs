@@ -28,7 +28,7 @@ use bluetick_proto::messaging::v1::{
     SettleRequest, accept_result,
 };
 use bluetick_proto::presence::v1::{AttachRequest, DetachRequest, HeartbeatsRequest, SessionRef};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span};
@@ -858,6 +858,9 @@ async fn sync_backlog(gateway: Arc<Gateway>, handle: Arc<SessionHandle>) {
     gateway.sessions.go_live(&handle, &sent_in_backlog).await;
 }
 
+/// Sessions whose backlog one heartbeat report's repairs send again at once.
+const RESYNC_CONCURRENCY: usize = 16;
+
 /// Sends the device's stored messages, oldest first, and returns their ids; `Ok(None)` when
 /// the session's stream closed meanwhile.
 async fn send_backlog(
@@ -895,36 +898,50 @@ async fn send_backlog(
     }
 }
 
-/// Sends a live session its stored messages again, because a presence replica reported
-/// that it had no route (or a stale one) for it: a message located through that replica
-/// may have been stored without reaching this gateway. The device drops the copies it
-/// already has by id; nothing is sent if the session has ended or been replaced.
-fn resync(gateway: &Arc<Gateway>, device: &DeviceAddress, session_id: u64) {
-    let Some(handle) = gateway.sessions.current(device, session_id) else {
+/// Sends these live sessions their stored messages again, because a presence replica
+/// reported that it had no route (or a stale one) for them: a message located through
+/// that replica may have been stored without reaching this gateway. Devices drop the
+/// copies they already have by id; a session that ended or was replaced is skipped.
+///
+/// One task for the whole report, [`RESYNC_CONCURRENCY`] sessions at a time (and within
+/// the gateway's sync limit): after a lone presence instance restarts, its first report
+/// names every connected device.
+fn resync(gateway: &Arc<Gateway>, sessions: Vec<(DeviceAddress, u64)>) {
+    if sessions.is_empty() {
         return;
-    };
+    }
     let gateway = gateway.clone();
     tokio::spawn(async move {
-        let Ok(_sync_permit) = gateway.syncs.acquire().await else {
-            return;
-        };
-        tokio::select! {
-            biased;
-            _ = handle.cancel.cancelled() => {}
-            result = send_backlog(&gateway, &handle) => match result {
-                Ok(Some(sent)) => tracing::debug!(
-                    device = %handle.device,
-                    messages = sent.len(),
-                    "backlog sent again after a presence route repair"
-                ),
-                Ok(None) => {}
-                Err(status) => tracing::warn!(
-                    device = %handle.device,
-                    %status,
-                    "backlog unavailable after a presence route repair; it waits for the next connect"
-                ),
-            },
-        }
+        futures::stream::iter(sessions)
+            .for_each_concurrent(RESYNC_CONCURRENCY, |(device, session_id)| {
+                let gateway = gateway.clone();
+                async move {
+                    let Some(handle) = gateway.sessions.current(&device, session_id) else {
+                        return;
+                    };
+                    let Ok(_sync_permit) = gateway.syncs.acquire().await else {
+                        return;
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = handle.cancel.cancelled() => {}
+                        result = send_backlog(&gateway, &handle) => match result {
+                            Ok(Some(sent)) => tracing::debug!(
+                                device = %device,
+                                messages = sent.len(),
+                                "backlog sent again after a presence route repair"
+                            ),
+                            Ok(None) => {}
+                            Err(status) => tracing::warn!(
+                                device = %device,
+                                %status,
+                                "backlog unavailable after a presence route repair; it waits for the next connect"
+                            ),
+                        },
+                    }
+                }
+            })
+            .await;
     });
 }
 
@@ -1060,9 +1077,7 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
                         .flatten()
                         .filter_map(|session| Some((session.device?, session.session_id)))
                         .collect();
-                    for (device, session_id) in &repaired {
-                        resync(&gateway, device, *session_id);
-                    }
+                    resync(&gateway, repaired.into_iter().collect());
                 }
                 Err(status) => tracing::warn!(%status, "heartbeat report failed"),
             }
