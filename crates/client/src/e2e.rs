@@ -14,7 +14,7 @@
 //! - [`KeyStore`] with [`MemoryKeyStore`] and [`FileKeyStore`]: where secrets live.
 //! - `ratchet`: the double ratchet; `envelope`: the versioned wire format; `primitives`:
 //!   X25519, HKDF, HMAC and AES-GCM wrappers with known-answer tests.
-//! - [`media`](self::media): chunked streaming encryption of files (STREAM over AES-GCM).
+//! - [`media`]: chunked streaming encryption of files (STREAM over AES-GCM).
 //! - [`safety_number`]: comparable fingerprints of two users' keys.
 //!
 //! Messages are bound to the sender's `client_msg_id`, not the server's `message_id`: the

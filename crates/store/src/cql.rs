@@ -34,9 +34,9 @@
 //! away, so calls succeed again once the engine is back, without a restart.
 //!
 //! Errors: a connection failure, timeout, unavailable or overloaded replica is
-//! [`StoreError::Unavailable`](crate::StoreError::Unavailable) (retryable); a row that does
+//! [`StoreError::Unavailable`] (retryable); a row that does
 //! not decode, or a statement the engine refuses, is
-//! [`StoreError::Internal`](crate::StoreError::Internal).
+//! [`StoreError::Internal`].
 
 mod accounts;
 pub mod inbox;

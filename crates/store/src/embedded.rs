@@ -8,7 +8,7 @@
 //! | [`EmbeddedTickStore`] | `ticks.redb` | [`TickStore`](crate::TickStore) |
 //! | [`EmbeddedPresenceStore`] | `presence.redb` | [`PresenceStore`](crate::PresenceStore) |
 //!
-//! Every write goes through one [group committer](committer) per file: a dedicated writer
+//! Every write goes through one group committer (`committer`) per file: a dedicated writer
 //! thread takes every queued write job (up to [`MAX_BATCH_JOBS`]), applies them all in one
 //! write transaction, commits once with [`redb::Durability::Immediate`] and then releases each
 //! waiter with its own result. One fsync is thus shared by every writer waiting at that
@@ -19,7 +19,7 @@
 //! devices on every send a point read doubled `online` throughput (BENCHMARKS.md).
 //!
 //! Keys are hand-encoded byte strings whose byte order is the logical order (big-endian
-//! integers, length-prefixed strings); values use the compact binary layout of [`codec`].
+//! integers, length-prefixed strings); values use the compact binary layout of `codec`.
 
 mod accounts;
 pub(crate) mod codec;

@@ -14,7 +14,7 @@
 //! [`InboxStore::mark_delivered`] (the messages are pending again and devices drop the
 //! copies by id) and [`TickStore::confirm_receipts`] (the receipts are sent again and
 //! change nothing). Implementations: [`embedded`] (redb files in one directory, the
-//! default) and [`cql`] (Cassandra / ScyllaDB). The [`conformance`] suite (feature
+//! default) and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature
 //! `testsuite`) is run against each.
 
 use std::sync::Arc;

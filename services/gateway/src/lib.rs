@@ -1,11 +1,11 @@
 //! The gateway: the front door of bluetick.
 //!
-//! It owns one long-lived bidirectional stream per connected device ([`chat`]), the
+//! It owns one long-lived bidirectional stream per connected device (`chat`), the
 //! accounts, devices and public-key directory ([`accounts`]), and the table of devices
-//! connected to this instance ([`sessions`]). It authenticates every call (the sender of
+//! connected to this instance (`sessions`). It authenticates every call (the sender of
 //! everything on a stream is the token's device, never a field a client fills in) and
 //! forwards: sends to messaging, receipts to ack, heartbeats to presence. Other services
-//! reach it through [`internal`] to deliver frames to its devices and to check tokens.
+//! reach it through `internal` to deliver frames to its devices and to check tokens.
 //!
 //! It listens twice: the public API for clients, and the internal API for the other
 //! services, which must never be exposed to clients.

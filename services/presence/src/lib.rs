@@ -1,7 +1,7 @@
 //! The presence service: heartbeats, online/offline, last seen and its privacy, and the
 //! routing table of which gateway instance holds which device.
 //!
-//! Online state and routes live in memory ([`state::PresenceState`]), refreshed by the
+//! Online state and routes live in memory (`state::PresenceState`), refreshed by the
 //! gateways' batched heartbeats, so a restarted presence instance relearns every route within
 //! one heartbeat interval. Last seen is written to the [`PresenceStore`] coalesced: a flush
 //! task writes the latest time of every user seen since the previous flush, not a write per
