@@ -7,7 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bluetick_client::{BluetickClient, ChatEvents, ChatHandle, Credentials, register};
+use bluetick_client::{
+    BluetickClient, ChatConfig, ChatEvent, ChatEvents, ChatHandle, Credentials, register,
+};
 use bluetick_common::server::listen;
 use bluetick_proto::presence::v1::LocateRequest;
 use bluetick_proto::presence::v1::presence_client::PresenceClient;
@@ -29,11 +31,14 @@ fn url(address: SocketAddr) -> String {
 }
 
 /// Gateway, messaging and ack, each one instance; presence instances are started and
-/// stopped by the test.
+/// stopped by the test, and ack can be stopped and started again.
 struct Cluster {
     data: tempfile::TempDir,
     shutdown: CancellationToken,
     gateway_url: String,
+    ack_address: SocketAddr,
+    ack_presence: SocketAddr,
+    ack_run: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 impl Cluster {
@@ -51,13 +56,6 @@ impl Cluster {
         let (internal_listener, _) = loopback().await;
         let (messaging_listener, messaging_address) = loopback().await;
         let (ack_listener, ack_address) = loopback().await;
-        let mut ack = bluetick_ack::AckConfig::new(store("ack"), url(ack_presence));
-        ack.node_id = 1;
-        tokio::spawn(bluetick_ack::serve(
-            ack,
-            ack_listener,
-            shutdown.child_token(),
-        ));
         let mut messaging = bluetick_messaging::MessagingConfig::new(
             store("messaging"),
             url(ack_address),
@@ -83,11 +81,47 @@ impl Cluster {
             internal_listener,
             shutdown.child_token(),
         ));
-        Self {
+        let mut cluster = Self {
             data,
             shutdown,
             gateway_url: url(gateway_address),
+            ack_address,
+            ack_presence,
+            ack_run: None,
+        };
+        cluster.start_ack(ack_listener);
+        cluster
+    }
+
+    /// Serves ack on `listener` (its store survives restarts).
+    fn start_ack(&mut self, listener: TcpListener) {
+        let mut ack = bluetick_ack::AckConfig::new(
+            self.data.path().join("ack").to_string_lossy().into_owned(),
+            url(self.ack_presence),
+        );
+        ack.node_id = 1;
+        let stop = self.shutdown.child_token();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                bluetick_ack::serve(ack, listener, stop).await.unwrap();
+            }
+        });
+        self.ack_run = Some((stop, task));
+    }
+
+    /// Stops ack and waits until it has closed its store.
+    async fn stop_ack(&mut self) {
+        if let Some((stop, task)) = self.ack_run.take() {
+            stop.cancel();
+            task.await.unwrap();
         }
+    }
+
+    /// Starts ack again on its address.
+    async fn restart_ack(&mut self) {
+        let listener = listen(self.ack_address).await.unwrap();
+        self.start_ack(listener);
     }
 
     /// Serves a presence instance (its own store `name`) on `listener` until `stop`.
@@ -108,8 +142,18 @@ impl Cluster {
         })
     }
 
-    /// Registers a user (retrying while the services start) and opens a chat session.
+    /// Registers a user (retrying while the services start) and opens a chat session, once
+    /// it is live.
     async fn connect(&self, name: &str) -> (Credentials, BluetickClient, ChatHandle, ChatEvents) {
+        self.connect_with(name, ChatConfig::default()).await
+    }
+
+    /// As [`Cluster::connect`], with the SDK settings `config`.
+    async fn connect_with(
+        &self,
+        name: &str,
+        config: ChatConfig,
+    ) -> (Credentials, BluetickClient, ChatHandle, ChatEvents) {
         let user_id = format!("{name}{}", rand::random::<u32>());
         let deadline = tokio::time::Instant::now() + WAIT;
         let credentials = loop {
@@ -125,7 +169,12 @@ impl Cluster {
             }
         };
         let client = BluetickClient::new(credentials.clone()).unwrap();
-        let (chat, events) = client.open_chat(Default::default()).await.unwrap();
+        let (chat, mut events) = client.open_chat(config).await.unwrap();
+        // Live: attached, backlog and stored receipts read.
+        events
+            .next_event_matching(|event| matches!(event, ChatEvent::BacklogDone { .. }), WAIT)
+            .await
+            .unwrap();
         (credentials, client, chat, events)
     }
 }
@@ -222,4 +271,64 @@ async fn a_message_sent_while_the_only_presence_was_down_arrives_after_it_restar
         .await
         .expect("the message arrives once presence is back, without a reconnect");
     assert_eq!(&message.payload[..], b"sent while presence was down");
+}
+
+/// Ack is down when alice sends her first message: messaging stores it but cannot record
+/// it with ack, so its accept fails. Ack comes back and alice sends nine more at once. The
+/// gateway keeps trying the first until it is accepted and holds the later ones behind it,
+/// so bob gets all ten in the order alice typed them and alice's single ticks come back in
+/// that order (answering the failure at once would let the nine overtake the device's own
+/// resend of the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_messages_keep_their_order_across_an_ack_outage() {
+    let (presence, address) = loopback().await;
+    let mut cluster = Cluster::start(address, address, &[address]).await;
+    let _presence = cluster.presence("presence", presence, cluster.shutdown.child_token());
+    // Alice's SDK would resend a refused send only after 2-4 s: long after the nine.
+    let alice_config = ChatConfig {
+        backoff_initial: Duration::from_secs(4),
+        ..ChatConfig::default()
+    };
+    let (_, _alice_client, alice_chat, mut alice_events) =
+        cluster.connect_with("alice", alice_config).await;
+    let (bob, _bob_client, _bob_chat, mut bob_events) = cluster.connect("bob").await;
+
+    cluster.stop_ack().await;
+    let count = 10;
+    let mut sent = vec![alice_chat.send(&bob.user_id, b"0".to_vec()).await.unwrap()];
+    // Long enough for the first attempts to fail.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.restart_ack().await;
+    for seq in 1..count {
+        let client_msg_id = alice_chat
+            .send(&bob.user_id, format!("{seq}").into_bytes())
+            .await
+            .unwrap();
+        sent.push(client_msg_id);
+    }
+
+    let mut ticked = Vec::new();
+    while ticked.len() < count {
+        let event = alice_events
+            .next_event_matching(
+                |event| matches!(event, ChatEvent::Sent { .. } | ChatEvent::SendFailed { .. }),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        match event {
+            ChatEvent::Sent { client_msg_id, .. } => ticked.push(client_msg_id),
+            other => panic!("a send failed: {other:?}"),
+        }
+    }
+    assert_eq!(ticked, sent, "single ticks out of the order sent");
+    let shown: Vec<String> = bob_events
+        .next_messages(count, WAIT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|message| String::from_utf8_lossy(&message.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..count).map(|seq| seq.to_string()).collect();
+    assert_eq!(shown, expected, "bob saw alice's messages out of order");
 }

@@ -48,6 +48,12 @@ const MAX_SENDS_PER_BATCH: usize = 32;
 const OPS_QUEUE: usize = 256;
 /// Backlog page size.
 const BACKLOG_PAGE: u32 = 256;
+/// How long a session's send lane keeps trying a batch that failed for a reason that may
+/// pass (a replica died, a store timed out) before it answers UNAVAILABLE, and the first
+/// pause between attempts (doubling, at most [`SEND_RETRY_PAUSE_MAX`]).
+const SEND_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+const SEND_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const SEND_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Implements `bluetick.gateway.v1.Chat`.
 #[derive(Clone, Debug)]
@@ -507,11 +513,37 @@ async fn handle_sends(
             .first()
             .map(|(_, _, span)| span.clone())
             .unwrap_or_else(Span::none);
-        let results = match gateway
+        let results = accept_in_order(gateway, requests).instrument(span).await;
+        for ((index, client_msg_id, span), result) in waiting.into_iter().zip(results) {
+            replies[index] = Some(accept_reply(client_msg_id, result, &span));
+        }
+    }
+    replies.into_iter().flatten().collect()
+}
+
+/// Has messaging accept `requests` (one sender's consecutive sends); returns one result per
+/// request, in order.
+///
+/// Requests that failed for a reason that may pass are sent again, with the same
+/// `client_msg_id`s (a request stored before the failure is answered as a duplicate with
+/// its first id), for up to [`SEND_RETRY_WINDOW`]. The session's later sends wait in its
+/// lane meanwhile: answering UNAVAILABLE at once would let them be accepted first, ahead of
+/// the device's own resend, and a sender's messages would arrive out of the order typed.
+async fn accept_in_order(
+    gateway: &Gateway,
+    requests: Vec<AcceptRequest>,
+) -> Vec<Result<AcceptResponse, Status>> {
+    let mut results: Vec<Result<AcceptResponse, Status>> =
+        vec![Err(Status::internal("accept result missing")); requests.len()];
+    let mut todo: Vec<usize> = (0..requests.len()).collect();
+    let give_up_at = tokio::time::Instant::now() + SEND_RETRY_WINDOW;
+    let mut pause = SEND_RETRY_PAUSE;
+    loop {
+        let batch: Vec<AcceptRequest> = todo.iter().map(|&index| requests[index].clone()).collect();
+        let answers: Vec<Result<AcceptResponse, Status>> = match gateway
             .messaging
             .clone()
-            .accept_batch(with_batch_deadline(AcceptBatchRequest { requests }))
-            .instrument(span)
+            .accept_batch(with_batch_deadline(AcceptBatchRequest { requests: batch }))
             .await
         {
             Ok(response) => response
@@ -526,17 +558,50 @@ async fn handle_sends(
                     None => Err(Status::internal("empty accept result")),
                 })
                 .collect(),
-            Err(status) => vec![Err(status); waiting.len()],
+            Err(status) => vec![Err(status); todo.len()],
         };
-        let mut results = results.into_iter();
-        for (index, client_msg_id, span) in waiting {
-            let result = results
+        let mut failed = Vec::new();
+        let mut answers = answers.into_iter();
+        for index in todo {
+            let answer = answers
                 .next()
                 .unwrap_or_else(|| Err(Status::internal("accept result missing")));
-            replies[index] = Some(accept_reply(client_msg_id, result, &span));
+            if let Err(status) = &answer
+                && may_pass(status.code())
+            {
+                failed.push(index);
+            }
+            results[index] = answer;
         }
+        if failed.is_empty() || tokio::time::Instant::now() + pause > give_up_at {
+            return results;
+        }
+        tracing::debug!(
+            failed = failed.len(),
+            pause_ms = pause.as_millis() as u64,
+            "accept failed, trying again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(SEND_RETRY_PAUSE_MAX);
+        todo = failed;
     }
-    replies.into_iter().flatten().collect()
+}
+
+/// Whether a failed accept may succeed when tried again: not a refusal of the message
+/// itself (bad input, too large, unknown recipient).
+fn may_pass(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument
+            | Code::ResourceExhausted
+            | Code::NotFound
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
 }
 
 /// The reply to one send from messaging's answer.
