@@ -205,6 +205,19 @@ async fn routes_of(address: SocketAddr, user_id: &str) -> usize {
         .len()
 }
 
+/// Sends `payload` to `recipient` and waits for its single tick (stored).
+async fn send_stored(chat: &ChatHandle, events: &mut ChatEvents, recipient: &str, payload: &[u8]) {
+    let client_msg_id = chat.send(recipient, payload.to_vec()).await.unwrap();
+    events.wait_sent(&client_msg_id, WAIT).await.unwrap();
+}
+
+/// Waits for the next message and checks it is `payload`; `why` says what failed if none
+/// comes.
+async fn expect_message(events: &mut ChatEvents, payload: &[u8], why: &str) {
+    let message = events.next_message(WAIT).await.expect(why);
+    assert_eq!(&message.payload[..], payload);
+}
+
 /// Presence replica B is down while bob connects, so only replica A learns bob's route
 /// (the attach counts as done when one replica took it). B then comes up and serves
 /// messaging's lookups with no route for bob: alice's message is stored but pushed
@@ -230,16 +243,19 @@ async fn a_message_routed_by_a_replica_that_missed_the_attach_still_arrives() {
         "B knows bob already"
     );
 
-    let sent = alice_chat
-        .send(&bob.user_id, b"routed nowhere".to_vec())
-        .await
-        .unwrap();
-    alice_events.wait_sent(&sent, WAIT).await.unwrap();
-    let message = bob_events
-        .next_message(WAIT)
-        .await
-        .expect("the message arrives once B's route is repaired, without a reconnect");
-    assert_eq!(&message.payload[..], b"routed nowhere");
+    send_stored(
+        &alice_chat,
+        &mut alice_events,
+        &bob.user_id,
+        b"routed nowhere",
+    )
+    .await;
+    expect_message(
+        &mut bob_events,
+        b"routed nowhere",
+        "the message arrives once B's route is repaired, without a reconnect",
+    )
+    .await;
 }
 
 /// With a single presence instance, a message sent while it is down is stored (nobody can
@@ -258,19 +274,17 @@ async fn a_message_sent_while_the_only_presence_was_down_arrives_after_it_restar
 
     first_run.cancel();
     first.await.unwrap();
-    let sent = alice_chat
-        .send(&bob.user_id, b"sent while presence was down".to_vec())
-        .await
-        .unwrap();
-    alice_events.wait_sent(&sent, WAIT).await.unwrap();
+    let payload = b"sent while presence was down";
+    send_stored(&alice_chat, &mut alice_events, &bob.user_id, payload).await;
 
     let presence = listen(address).await.unwrap();
     let _second = cluster.presence("presence", presence, cluster.shutdown.child_token());
-    let message = bob_events
-        .next_message(WAIT)
-        .await
-        .expect("the message arrives once presence is back, without a reconnect");
-    assert_eq!(&message.payload[..], b"sent while presence was down");
+    expect_message(
+        &mut bob_events,
+        payload,
+        "the message arrives once presence is back, without a reconnect",
+    )
+    .await;
 }
 
 /// Ack is down when alice sends her first message: messaging stores it but cannot record
