@@ -234,14 +234,21 @@ async fn a_message_routed_by_a_replica_that_missed_the_attach_still_arrives() {
     let (_, _alice_client, alice_chat, mut alice_events) = cluster.connect("alice").await;
     let (bob, _bob_client, _bob_chat, mut bob_events) = cluster.connect("bob").await;
 
-    // B comes up knowing no route.
-    let presence_b = listen(address_b).await.unwrap();
-    let _b = cluster.presence("presence-b", presence_b, cluster.shutdown.child_token());
-    assert_eq!(
-        routes_of(address_b, &bob.user_id).await,
-        0,
-        "B knows bob already"
-    );
+    // B comes up knowing no route. A heartbeat report may reach it before the check (the
+    // gateway reports every 2 s): then B starts afresh, its routes live in memory.
+    let mut attempts = 0;
+    let _b = loop {
+        let presence_b = listen(address_b).await.unwrap();
+        let stop = cluster.shutdown.child_token();
+        let b = cluster.presence("presence-b", presence_b, stop.clone());
+        if routes_of(address_b, &bob.user_id).await == 0 {
+            break b;
+        }
+        attempts += 1;
+        assert!(attempts < 5, "B always learned bob's route before the send");
+        stop.cancel();
+        b.await.unwrap();
+    };
 
     send_stored(
         &alice_chat,
