@@ -48,9 +48,9 @@ const MAX_SENDS_PER_BATCH: usize = 32;
 const OPS_QUEUE: usize = 256;
 /// Backlog page size.
 const BACKLOG_PAGE: u32 = 256;
-/// How long a session's send lane keeps trying a batch that failed for a reason that may
-/// pass (a replica died, a store timed out) before it answers UNAVAILABLE, and the first
-/// pause between attempts (doubling, at most [`SEND_RETRY_PAUSE_MAX`]).
+/// How long after a batch's first failure for a reason that may pass (a replica died, a
+/// store timed out) a session's send lane keeps trying it before it answers UNAVAILABLE,
+/// and the first pause between attempts (doubling, at most [`SEND_RETRY_PAUSE_MAX`]).
 const SEND_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 const SEND_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 const SEND_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
@@ -526,7 +526,7 @@ async fn handle_sends(
 ///
 /// Requests that failed for a reason that may pass are sent again, with the same
 /// `client_msg_id`s (a request stored before the failure is answered as a duplicate with
-/// its first id), for up to [`SEND_RETRY_WINDOW`]. The session's later sends wait in its
+/// its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The session's later sends wait in its
 /// lane meanwhile: answering UNAVAILABLE at once would let them be accepted first, ahead of
 /// the device's own resend, and a sender's messages would arrive out of the order typed.
 async fn accept_in_order(
@@ -536,7 +536,9 @@ async fn accept_in_order(
     let mut results: Vec<Result<AcceptResponse, Status>> =
         vec![Err(Status::internal("accept result missing")); requests.len()];
     let mut todo: Vec<usize> = (0..requests.len()).collect();
-    let give_up_at = tokio::time::Instant::now() + SEND_RETRY_WINDOW;
+    // Counted from the first failure: an attempt may itself take long to fail (a store
+    // timing out).
+    let mut give_up_at_opt = None;
     let mut pause = SEND_RETRY_PAUSE;
     loop {
         let batch: Vec<AcceptRequest> = todo.iter().map(|&index| requests[index].clone()).collect();
@@ -573,7 +575,9 @@ async fn accept_in_order(
             }
             results[index] = answer;
         }
-        if failed.is_empty() || tokio::time::Instant::now() + pause > give_up_at {
+        let now = tokio::time::Instant::now();
+        let give_up_at = *give_up_at_opt.get_or_insert(now + SEND_RETRY_WINDOW);
+        if failed.is_empty() || now + pause > give_up_at {
             return results;
         }
         tracing::debug!(

@@ -326,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reconnects = 0;
     let mut send_failed = 0;
     let mut examples = Vec::new();
+    let mut inversion_examples = Vec::new();
     for (index, log) in logs.iter().enumerate() {
         let log = log.lock().unwrap_or_else(|poison| poison.into_inner());
         reconnects += log.reconnects;
@@ -366,8 +367,16 @@ async fn main() -> anyhow::Result<()> {
                 last_accept = Some(*position);
                 last_shown = Some((*message_id, *seq));
             }
-            if last_seq.is_some_and(|last| *seq < last) {
+            if let Some(last) = last_seq.filter(|last| *seq < *last) {
                 send_order_inversions += 1;
+                if inversion_examples.len() < MAX_EXAMPLES {
+                    inversion_examples.push(format!(
+                        "user {index} showed seq {seq} (message {message_id}, accepted {}) after seq {last}",
+                        accept_index
+                            .get(message_id)
+                            .map_or("?".to_string(), |position| position.to_string())
+                    ));
+                }
             }
             last_seq = Some(*seq);
         }
@@ -382,6 +391,9 @@ async fn main() -> anyhow::Result<()> {
     );
     for example in &examples {
         println!("multinode:   {example}");
+    }
+    for example in &inversion_examples {
+        println!("multinode:   send order: {example}");
     }
     for chat in &chats {
         let _ = tokio::time::timeout(Duration::from_secs(2), chat.close()).await;
