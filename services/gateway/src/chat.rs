@@ -51,7 +51,7 @@ const BACKLOG_PAGE: u32 = 256;
 /// How long after a batch's first failure for a reason that may pass (a replica died, a
 /// store timed out) a session's send lane keeps trying it before it answers UNAVAILABLE,
 /// and the first pause between attempts (doubling, at most [`SEND_RETRY_PAUSE_MAX`]).
-const SEND_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+const SEND_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 const SEND_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 const SEND_RETRY_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -526,9 +526,10 @@ async fn handle_sends(
 ///
 /// Requests that failed for a reason that may pass are sent again, with the same
 /// `client_msg_id`s (a request stored before the failure is answered as a duplicate with
-/// its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The session's later sends wait in its
-/// lane meanwhile: answering UNAVAILABLE at once would let them be accepted first, ahead of
-/// the device's own resend, and a sender's messages would arrive out of the order typed.
+/// its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The session's
+/// later sends wait in its lane meanwhile: answering UNAVAILABLE at once would let them be
+/// accepted first, ahead of the device's own resend, and a sender's messages would arrive
+/// out of the order typed.
 async fn accept_in_order(
     gateway: &Gateway,
     requests: Vec<AcceptRequest>,
