@@ -417,7 +417,7 @@ async fn run_ops(gateway: Arc<Gateway>, handle: Arc<SessionHandle>, mut ops: mps
                     }
                     other => Err(other),
                 });
-                handle_sends(&gateway, &handle.device, sends).await
+                handle_sends(&gateway, &handle, sends).await
             }
             Op::Ack(mut ack, span) => {
                 // Acknowledgements of the same status queued behind this one go with it:
@@ -488,9 +488,10 @@ fn rejected(client_msg_id: String, status: Status) -> ServerFrame {
 /// send, in order.
 async fn handle_sends(
     gateway: &Gateway,
-    sender: &DeviceAddress,
+    handle: &SessionHandle,
     sends: Vec<(SendMessage, Span)>,
 ) -> Vec<ServerFrame> {
+    let sender = &handle.device;
     let mut replies: Vec<Option<ServerFrame>> = Vec::with_capacity(sends.len());
     let mut requests = Vec::new();
     let mut waiting = Vec::new();
@@ -513,7 +514,9 @@ async fn handle_sends(
             .first()
             .map(|(_, _, span)| span.clone())
             .unwrap_or_else(Span::none);
-        let results = accept_in_order(gateway, requests).instrument(span).await;
+        let results = accept_in_order(gateway, handle, requests)
+            .instrument(span)
+            .await;
         for ((index, client_msg_id, span), result) in waiting.into_iter().zip(results) {
             replies[index] = Some(accept_reply(client_msg_id, result, &span));
         }
@@ -529,9 +532,10 @@ async fn handle_sends(
 /// its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The session's
 /// later sends wait in its lane meanwhile: answering UNAVAILABLE at once would let them be
 /// accepted first, ahead of the device's own resend, and a sender's messages would arrive
-/// out of the order typed.
+/// out of the order typed. Retrying stops when the session ends.
 async fn accept_in_order(
     gateway: &Gateway,
+    handle: &SessionHandle,
     requests: Vec<AcceptRequest>,
 ) -> Vec<Result<AcceptResponse, Status>> {
     let mut results: Vec<Result<AcceptResponse, Status>> =
@@ -586,7 +590,12 @@ async fn accept_in_order(
             pause_ms = pause.as_millis() as u64,
             "accept failed, trying again"
         );
-        tokio::time::sleep(pause).await;
+        // Nobody is left to answer once the session ends: the device resends on its next
+        // connection.
+        tokio::select! {
+            _ = handle.cancel.cancelled() => return results,
+            _ = tokio::time::sleep(pause) => {}
+        }
         pause = (pause * 2).min(SEND_RETRY_PAUSE_MAX);
         todo = failed;
     }
