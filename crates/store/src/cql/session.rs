@@ -33,8 +33,10 @@ const SCHEMA_VERSIONS: &[(i32, &str)] = &[
     (2, include_str!("../../schema/v2.cql")),
 ];
 
-/// How many times the schema set-up is tried before the store fails to open.
+/// How many times the schema set-up is tried before the store fails to open, and the pause
+/// between attempts.
 const SCHEMA_ATTEMPTS: u32 = 10;
+const SCHEMA_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How many times a statement refused as invalid is prepared before the refusal counts
 /// (see [`CqlSession::prepare`]), and the pause between attempts.
@@ -121,19 +123,15 @@ impl CqlSession {
         // Several processes may set the schema up at once on a fresh cluster (every service
         // starts together in Kubernetes): one may see a table another created before every
         // node knows it. Waiting for schema agreement and trying again settles it.
-        let mut attempt = 1;
-        loop {
-            match cql_session.apply_schema().await {
-                Ok(()) => break,
-                Err(error) if attempt < SCHEMA_ATTEMPTS => {
-                    tracing::warn!(%error, attempt, "setting up the cql schema failed, retrying");
-                    let _ = cql_session.session.await_schema_agreement().await;
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        retry_after_agreement(
+            &cql_session.session,
+            "the cql schema set-up",
+            SCHEMA_ATTEMPTS,
+            SCHEMA_RETRY_PAUSE,
+            |_| true,
+            || cql_session.apply_schema(),
+        )
+        .await?;
         Ok(cql_session)
     }
 
@@ -262,24 +260,16 @@ impl CqlSession {
         statement: &str,
         idempotent: bool,
     ) -> StoreResult<PreparedStatement> {
-        let mut attempt = 1;
-        let mut prepared = loop {
-            match self.session.prepare(statement).await {
-                Ok(prepared) => break prepared,
-                Err(error) if attempt < PREPARE_ATTEMPTS && refused_as_invalid(&error) => {
-                    tracing::warn!(
-                        %error,
-                        attempt,
-                        statement,
-                        "statement refused, retrying after schema agreement"
-                    );
-                    let _ = self.session.await_schema_agreement().await;
-                    tokio::time::sleep(PREPARE_RETRY_PAUSE).await;
-                    attempt += 1;
-                }
-                Err(error) => return Err(prepare_error(statement, error)),
-            }
-        };
+        let mut prepared = retry_after_agreement(
+            &self.session,
+            statement,
+            PREPARE_ATTEMPTS,
+            PREPARE_RETRY_PAUSE,
+            refused_as_invalid,
+            || self.session.prepare(statement),
+        )
+        .await
+        .map_err(|error| prepare_error(statement, error))?;
         prepared.set_is_idempotent(idempotent);
         Ok(prepared)
     }
@@ -474,6 +464,35 @@ fn added_column(statement: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((table, words.next()?))
+}
+
+/// Runs `attempt` until it succeeds, fails in a way `retryable` does not accept, or has been
+/// tried `attempts` times; between tries, waits for every node to report the same schema
+/// version, then `pause`. `what` names the work in the warning logged for each retry.
+async fn retry_after_agreement<T, E, F>(
+    session: &Session,
+    what: &str,
+    attempts: u32,
+    pause: std::time::Duration,
+    retryable: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<T, E>>,
+{
+    let mut tried = 1;
+    loop {
+        match attempt().await {
+            Err(error) if tried < attempts && retryable(&error) => {
+                tracing::warn!(%error, attempt = tried, what, "retrying after schema agreement");
+                let _ = session.await_schema_agreement().await;
+                tokio::time::sleep(pause).await;
+                tried += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Maps a failed preparation: a refused statement is [`StoreError::Internal`], anything
