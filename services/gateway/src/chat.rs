@@ -527,12 +527,12 @@ async fn handle_sends(
 /// Has messaging accept `requests` (one sender's consecutive sends); returns one result per
 /// request, in order.
 ///
-/// Requests that failed for a reason that may pass are sent again, with the same
-/// `client_msg_id`s (a request stored before the failure is answered as a duplicate with
-/// its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The session's
-/// later sends wait in its lane meanwhile: answering UNAVAILABLE at once would let them be
-/// accepted first, ahead of the device's own resend, and a sender's messages would arrive
-/// out of the order typed. Retrying stops when the session ends.
+/// Requests that failed but were not refused (see [`refuses_the_message`]) are sent again,
+/// with the same `client_msg_id`s (a request stored before the failure is answered as a
+/// duplicate with its first id), for up to [`SEND_RETRY_WINDOW`] after the first failure. The
+/// session's later sends wait in its lane meanwhile: answering UNAVAILABLE at once would let
+/// them be accepted first, ahead of the device's own resend, and a sender's messages would
+/// arrive out of the order typed. Retrying stops when the session ends.
 async fn accept_in_order(
     gateway: &Gateway,
     handle: &SessionHandle,
@@ -574,7 +574,7 @@ async fn accept_in_order(
                 .next()
                 .unwrap_or_else(|| Err(Status::internal("accept result missing")));
             if let Err(status) = &answer
-                && may_pass(status.code())
+                && !refuses_the_message(status.code())
             {
                 failed.push(index);
             }
@@ -601,20 +601,13 @@ async fn accept_in_order(
     }
 }
 
-/// Whether a failed accept may succeed when tried again: not a refusal of the message
-/// itself (bad input, too large, unknown recipient).
-fn may_pass(code: Code) -> bool {
-    !matches!(
+/// Whether messaging refused the message itself (bad input, too large, unknown recipient):
+/// the device gets that code. Any other failure may pass: the gateway tries again, and if it
+/// still fails the device is told UNAVAILABLE, to resend.
+fn refuses_the_message(code: Code) -> bool {
+    matches!(
         code,
-        Code::InvalidArgument
-            | Code::ResourceExhausted
-            | Code::NotFound
-            | Code::PermissionDenied
-            | Code::Unauthenticated
-            | Code::FailedPrecondition
-            | Code::AlreadyExists
-            | Code::OutOfRange
-            | Code::Unimplemented
+        Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound
     )
 }
 
@@ -636,7 +629,7 @@ fn accept_reply(
         }
         Err(status) => {
             let status = match status.code() {
-                Code::InvalidArgument | Code::ResourceExhausted | Code::NotFound => status,
+                code if refuses_the_message(code) => status,
                 _ => {
                     tracing::warn!(parent: span, %status, "messaging accept failed");
                     Status::unavailable("message not stored, resend with the same client_msg_id")
@@ -985,7 +978,7 @@ async fn send_backlog(
 /// One task for the whole report, [`RESYNC_CONCURRENCY`] sessions at a time (and within
 /// the gateway's sync limit): after a lone presence instance restarts, its first report
 /// names every connected device.
-fn resync(gateway: &Arc<Gateway>, sessions: Vec<(DeviceAddress, u64)>) {
+fn resync(gateway: &Arc<Gateway>, sessions: HashSet<(DeviceAddress, u64)>) {
     if sessions.is_empty() {
         return;
     }
@@ -1156,7 +1149,7 @@ pub(crate) async fn report_heartbeats(gateway: Arc<Gateway>) {
                         .flatten()
                         .filter_map(|session| Some((session.device?, session.session_id)))
                         .collect();
-                    resync(&gateway, repaired.into_iter().collect());
+                    resync(&gateway, repaired);
                 }
                 Err(status) => tracing::warn!(%status, "heartbeat report failed"),
             }
