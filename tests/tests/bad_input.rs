@@ -106,6 +106,36 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     );
 }
 
+/// Headers far larger than the HTTP/2 codec's initial buffers (1 KiB for frames, 256 bytes
+/// for HPACK strings: `third_party/h2`) are read whole: a 12 KiB token is refused as a
+/// token, not as a broken stream, and a valid call carrying 12 KiB of other metadata works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_larger_than_the_codec_buffers_are_read_whole() {
+    let cluster = TestCluster::start().await;
+    let gateway = &cluster.endpoints.gateway;
+    let huge_token = format!("Bearer {}", "x".repeat(12 * 1024));
+    let status = raw_open(gateway, Some(&huge_token)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+
+    let alice = cluster.user("alice").await;
+    let mut client = ChatClient::connect(gateway.to_string()).await.unwrap();
+    let (sender, receiver) = mpsc::channel(16);
+    let mut request = Request::new(ReceiverStream::new(receiver));
+    let metadata = request.metadata_mut();
+    metadata.insert(
+        "authorization",
+        format!("Bearer {}", alice.token).parse().unwrap(),
+    );
+    metadata.insert("x-padding", "p".repeat(12 * 1024).parse().unwrap());
+    let mut stream = client.open(request).await.unwrap().into_inner();
+    assert!(matches!(next_frame(&mut stream).await, Frame::Welcome(_)));
+    assert!(matches!(
+        next_frame(&mut stream).await,
+        Frame::BacklogDone(_)
+    ));
+    drop(sender);
+}
+
 /// Registration checks the handle and refuses a taken one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_validates_handles() {
