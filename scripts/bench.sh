@@ -41,6 +41,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Share of the machine's CPU time left idle over two seconds (from /proc/stat): the figures
+# are bluetick's only if nothing else is running.
+idle_percent() {
+    local before after
+    before=($(head -1 /proc/stat))
+    sleep 2
+    after=($(head -1 /proc/stat))
+    python3 -c '
+import sys
+b, a = [list(map(int, x.split())) for x in sys.argv[1:3]]
+delta = [y - x for x, y in zip(b, a)]
+print(round(100 * (delta[3] + delta[4]) / max(1, sum(delta))))' "${before[*]:1}" "${after[*]:1}"
+}
+
 log "building release binaries"
 "$CARGO" build --release -p bluetick-dev -p bluetick-bench -p bluetick-gateway -p bluetick-media
 # A private copy: another build in a shared target directory may replace the binaries
@@ -67,6 +81,8 @@ bench() {
     printf '%s\n' "$line" | tee -a "$RESULTS" >&2
 }
 
+IDLE_BEFORE="$(idle_percent)"
+log "machine ${IDLE_BEFORE} % idle before the run"
 log "starting bluetick-dev (data in ${RUN_DIR}/data, store ${STORE:-embedded}, media ${MEDIA:-local})"
 BLUETICK_STORE="$STORE" BLUETICK_MEDIA="$MEDIA" RUST_LOG="${RUST_LOG:-warn}" \
     "${BIN}/bluetick-dev" --ephemeral-ports --endpoints-file "${RUN_DIR}/endpoints.json" \
@@ -278,7 +294,11 @@ idle-100k) run_idle_100k ;;
 *) die "unknown mode ${MODE} (default, media or idle-100k)" ;;
 esac
 
-printf '\nbluetick benchmarks (%s, store %s, media %s, %s cores, load average %s)\n\n' \
-    "$MODE" "${STORE:-embedded}" "${MEDIA:-local}" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '\nbluetick benchmarks (%s, store %s, media %s, %s cores, load average %s, %s %% idle before the run)\n\n' \
+    "$MODE" "${STORE:-embedded}" "${MEDIA:-local}" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" "$IDLE_BEFORE"
+if ((IDLE_BEFORE < 90)); then
+    printf 'WARNING: other work used %s %% of the CPU before the run; throughput and latency\nfigures below are partly the machine'"'"'s (memory figures are not). Rerun on a quiet machine.\n\n' \
+        "$((100 - IDLE_BEFORE))"
+fi
 print_table
 log "records in ${RESULTS}"
