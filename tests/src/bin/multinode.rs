@@ -407,6 +407,14 @@ async fn main() -> anyhow::Result<()> {
     if lost > 0 || duplicates > 0 || order_violations > 0 {
         bail!("multinode: lost, duplicated or reordered messages");
     }
+    // Every outage of the run passes within the gateway's 30 s send retry window (the
+    // longest, a killed Cassandra node, about 13 s), so each sender's messages must also
+    // be shown in the order they were typed, resends included.
+    if send_order_inversions > 0 {
+        bail!(
+            "multinode: {send_order_inversions} messages shown before one their sender typed earlier"
+        );
+    }
     Ok(())
 }
 
