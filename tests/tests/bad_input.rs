@@ -20,32 +20,38 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request};
 
-/// Opens a raw chat stream with an optional `authorization` value.
+/// Opens a raw chat stream with an optional `authorization` value and `extra` metadata.
 async fn raw_open(
     gateway: &str,
     authorization: Option<&str>,
+    extra: &[(&'static str, &str)],
 ) -> Result<(mpsc::Sender<ClientFrame>, tonic::Streaming<ServerFrame>), tonic::Status> {
     let mut client = ChatClient::connect(gateway.to_string())
         .await
         .expect("gateway reachable");
     let (sender, receiver) = mpsc::channel(16);
     let mut request = Request::new(ReceiverStream::new(receiver));
-    if let Some(value) = authorization {
+    let pairs = authorization
+        .map(|value| ("authorization", value))
+        .into_iter()
+        .chain(extra.iter().copied());
+    for (key, value) in pairs {
         request
             .metadata_mut()
-            .insert("authorization", value.parse().expect("ascii header"));
+            .insert(key, value.parse().expect("ascii header"));
     }
     let response = client.open(request).await?;
     Ok((sender, response.into_inner()))
 }
 
-/// Opens a raw chat stream with `token` and reads it up to the device being live: the
-/// welcome, then the end of its (empty) backlog.
+/// Opens a raw chat stream with `token` (and `extra` metadata) and reads it up to the device
+/// being live: the welcome, then the end of its (empty) backlog.
 async fn raw_open_live(
     gateway: &str,
     token: &str,
+    extra: &[(&'static str, &str)],
 ) -> (mpsc::Sender<ClientFrame>, tonic::Streaming<ServerFrame>) {
-    let (sender, mut stream) = raw_open(gateway, Some(&format!("Bearer {token}")))
+    let (sender, mut stream) = raw_open(gateway, Some(&format!("Bearer {token}")), extra)
         .await
         .unwrap();
     assert!(matches!(next_frame(&mut stream).await, Frame::Welcome(_)));
@@ -86,7 +92,7 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     let cluster = TestCluster::start().await;
     let gateway = &cluster.endpoints.gateway;
     for authorization in [None, Some("Basic abc"), Some("Bearer not-a-real-token")] {
-        let status = raw_open(gateway, authorization).await.unwrap_err();
+        let status = raw_open(gateway, authorization, &[]).await.unwrap_err();
         assert_eq!(
             status.code(),
             Code::Unauthenticated,
@@ -114,26 +120,12 @@ async fn headers_larger_than_the_codec_buffers_are_read_whole() {
     let cluster = TestCluster::start().await;
     let gateway = &cluster.endpoints.gateway;
     let huge_token = format!("Bearer {}", "x".repeat(12 * 1024));
-    let status = raw_open(gateway, Some(&huge_token)).await.unwrap_err();
+    let status = raw_open(gateway, Some(&huge_token), &[]).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
 
     let alice = cluster.user("alice").await;
-    let mut client = ChatClient::connect(gateway.to_string()).await.unwrap();
-    let (sender, receiver) = mpsc::channel(16);
-    let mut request = Request::new(ReceiverStream::new(receiver));
-    let metadata = request.metadata_mut();
-    metadata.insert(
-        "authorization",
-        format!("Bearer {}", alice.token).parse().unwrap(),
-    );
-    metadata.insert("x-padding", "p".repeat(12 * 1024).parse().unwrap());
-    let mut stream = client.open(request).await.unwrap().into_inner();
-    assert!(matches!(next_frame(&mut stream).await, Frame::Welcome(_)));
-    assert!(matches!(
-        next_frame(&mut stream).await,
-        Frame::BacklogDone(_)
-    ));
-    drop(sender);
+    let padding = "p".repeat(12 * 1024);
+    raw_open_live(gateway, &alice.token, &[("x-padding", &padding)]).await;
 }
 
 /// Registration checks the handle and refuses a taken one.
@@ -213,7 +205,8 @@ async fn bad_frames_get_precise_errors_and_harm_no_one_else() {
     );
 
     // A raw stream of carol's: an empty frame, then a foreign ack, then a valid send.
-    let (carol_tx, mut carol_rx) = raw_open_live(&cluster.endpoints.gateway, &carol.token).await;
+    let (carol_tx, mut carol_rx) =
+        raw_open_live(&cluster.endpoints.gateway, &carol.token, &[]).await;
     carol_tx.send(ClientFrame { frame: None }).await.unwrap();
     match next_frame(&mut carol_rx).await {
         Frame::Error(error) => assert_eq!(error.code, Code::InvalidArgument as i32),
@@ -341,7 +334,7 @@ async fn a_half_closed_stream_gets_its_replies_then_ends_with_ok() {
     let alice = cluster.user("alice").await;
     let bob = cluster.user("bob").await;
     let (alice_client, _alice_chat, _alice_events) = cluster.connect(&alice).await;
-    let (bob_tx, mut bob_rx) = raw_open_live(&cluster.endpoints.gateway, &bob.token).await;
+    let (bob_tx, mut bob_rx) = raw_open_live(&cluster.endpoints.gateway, &bob.token, &[]).await;
 
     bob_tx
         .send(text_send("last-words", &alice.user_id, "bye"))
