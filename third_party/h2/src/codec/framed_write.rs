@@ -60,7 +60,8 @@ enum Next<B> {
     Continuation(frame::Continuation),
 }
 
-/// Buffer up to this many bytes of frames before flushing them to the socket.
+/// bluetick patch (wording only): buffer up to this many bytes of frames before flushing
+/// them to the socket; the buffer no longer starts this large.
 ///
 /// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
 /// frame that big.
