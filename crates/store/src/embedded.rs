@@ -1,16 +1,23 @@
-//! The embedded store: one [redb](https://docs.rs/redb) file per concern in a local
-//! directory, so each service process opens only its own file.
+//! The embedded store: one database per concern in a local directory, so each service
+//! process opens only its own.
 //!
-//! | type | file | trait |
+//! | type | engine, path | trait |
 //! |---|---|---|
-//! | [`EmbeddedAccountStore`] | `accounts.redb` | [`AccountStore`](crate::AccountStore) |
-//! | [`EmbeddedInboxStore`] | `inbox.redb` | [`InboxStore`](crate::InboxStore) |
-//! | [`EmbeddedTickStore`] | `ticks.redb` | [`TickStore`](crate::TickStore) |
-//! | [`EmbeddedPresenceStore`] | `presence.redb` | [`PresenceStore`](crate::PresenceStore) |
+//! | [`EmbeddedAccountStore`] | redb, `accounts.redb` | [`AccountStore`](crate::AccountStore) |
+//! | [`EmbeddedInboxStore`] | fjall, `inbox/` | [`InboxStore`](crate::InboxStore) |
+//! | [`EmbeddedTickStore`] | fjall, `ticks/` | [`TickStore`](crate::TickStore) |
+//! | [`EmbeddedPresenceStore`] | redb, `presence.redb` | [`PresenceStore`](crate::PresenceStore) |
 //!
-//! Every write goes through one group committer (`committer`) per file: a dedicated writer
-//! thread takes every queued write job (up to [`MAX_BATCH_JOBS`]), applies them all in one
-//! write transaction, commits once with [`redb::Durability::Immediate`] and then releases each
+//! Two engines, each where it is cheaper. The message path (inbox and ticks: a few small
+//! writes per message, each durable before its tick) uses [fjall](https://docs.rs/fjall), a
+//! log-structured merge tree whose commit is one journal append and one `fdatasync`.
+//! Accounts and presence (read on every call, written rarely) use
+//! [redb](https://docs.rs/redb), a copy-on-write B-tree with cheaper point reads, whose
+//! commit copies every page it changes. BENCHMARKS.md measures both.
+//!
+//! Every write goes through one group committer (`committer`) per database: a dedicated
+//! writer thread takes every queued write job (up to [`MAX_BATCH_JOBS`]), applies them all in
+//! one write transaction, commits it once, durably (an fsync), and then releases each
 //! waiter with its own result. One fsync is thus shared by every writer waiting at that
 //! moment, so durability does not cap throughput. Reads run against a snapshot: point reads
 //! (a key or two, served from redb's page cache in microseconds) on the calling task, since
@@ -31,6 +38,7 @@ mod ticks;
 use std::path::Path;
 use std::sync::Arc;
 
+use fjall::{KeyspaceCreateOptions, SingleWriterTxDatabase, SingleWriterTxKeyspace};
 use redb::{Database, ReadTransaction, ReadableDatabase};
 
 pub use self::accounts::EmbeddedAccountStore;
@@ -56,6 +64,79 @@ fn open_database(dir: &Path, file_name: &str) -> StoreResult<Arc<Database>> {
         ))
     })?;
     Ok(Arc::new(database))
+}
+
+/// How much one fjall keyspace holds in memory before it is flushed to disk (fjall's
+/// default is 64 MiB).
+const FJALL_MEMTABLE_BYTES: u64 = 8 << 20;
+
+/// How much of one fjall database's disk blocks are cached.
+const FJALL_CACHE_BYTES: u64 = 8 << 20;
+
+/// Creates `dir` if needed and opens (or creates) the fjall database `name` in it, with
+/// the given keyspaces (tables).
+///
+/// Refuses a directory still holding `<name>.redb`, the same store's file as bluetick
+/// wrote it before it moved to fjall: opened beside it, its stored messages would be
+/// silently ignored.
+fn open_journal_database<const N: usize>(
+    dir: &Path,
+    name: &str,
+    keyspace_names: [&str; N],
+) -> StoreResult<(Arc<SingleWriterTxDatabase>, [SingleWriterTxKeyspace; N])> {
+    let old_file = dir.join(format!("{name}.redb"));
+    if old_file.exists() {
+        return Err(StoreError::Unavailable(format!(
+            "{} was written by an earlier bluetick (redb); this version stores {name} in {}/. \
+             Move the directory aside (its undelivered messages are not migrated) or delete it",
+            old_file.display(),
+            dir.join(name).display()
+        )));
+    }
+    let path = dir.join(name);
+    std::fs::create_dir_all(&path).map_err(|error| {
+        StoreError::Unavailable(format!(
+            "failed to create store directory {}: {error}",
+            path.display()
+        ))
+    })?;
+    let database = SingleWriterTxDatabase::builder(&path)
+        .cache_size(FJALL_CACHE_BYTES)
+        .open()
+        .map_err(|error| match error {
+            fjall::Error::Locked => StoreError::Unavailable(format!(
+                "store {} is open in another process",
+                path.display()
+            )),
+            other => {
+                StoreError::Unavailable(format!("failed to open store {}: {other}", path.display()))
+            }
+        })?;
+    let mut keyspaces = Vec::with_capacity(N);
+    for keyspace_name in keyspace_names {
+        keyspaces.push(database.keyspace(keyspace_name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(FJALL_MEMTABLE_BYTES)
+        })?);
+    }
+    let keyspaces = keyspaces
+        .try_into()
+        .map_err(|_| StoreError::Internal("keyspace count changed".to_string()))?;
+    Ok((Arc::new(database), keyspaces))
+}
+
+/// Runs `read` against a fresh snapshot of a fjall `database` on the blocking pool.
+async fn read_journal_snapshot<T, F>(
+    database: &Arc<SingleWriterTxDatabase>,
+    read: F,
+) -> StoreResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&fjall::Snapshot) -> StoreResult<T> + Send + 'static,
+{
+    let database = Arc::clone(database);
+    tokio::task::spawn_blocking(move || read(&database.read_tx()))
+        .await
+        .map_err(|error| StoreError::Internal(format!("read task failed: {error}")))?
 }
 
 /// Runs a point read (a few key lookups, never a scan) against a fresh snapshot of
@@ -94,6 +175,17 @@ impl From<redb::Error> for StoreError {
             | redb::Error::DatabaseAlreadyOpen
             | redb::Error::TransactionInProgress
             | redb::Error::Backend(_) => StoreError::Unavailable(error.to_string()),
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<fjall::Error> for StoreError {
+    fn from(error: fjall::Error) -> Self {
+        match error {
+            fjall::Error::Io(_) | fjall::Error::Poisoned | fjall::Error::Locked => {
+                StoreError::Unavailable(error.to_string())
+            }
             other => StoreError::Internal(other.to_string()),
         }
     }

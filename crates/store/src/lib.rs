@@ -13,8 +13,8 @@
 //! durable with its next durable commit, at the latest 100 ms later:
 //! [`InboxStore::mark_delivered`] (the messages are pending again and devices drop the
 //! copies by id) and [`TickStore::confirm_receipts`] (the receipts are sent again and
-//! change nothing). Implementations: [`embedded`] (redb files in one directory, the
-//! default) and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature
+//! change nothing). Implementations: [`embedded`] (fjall and redb databases in one directory,
+//! the default) and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature
 //! `testsuite`) is run against each.
 
 use std::sync::Arc;

@@ -56,7 +56,8 @@ async fn embedded_presence_store_conforms() {
     conformance::presence_suite(store).await;
 }
 
-/// All four stores share one directory, each in its own file, and the suites still pass.
+/// All four stores share one directory, each in its own file or directory, and the suites
+/// still pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_stores_share_a_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -66,8 +67,11 @@ async fn embedded_stores_share_a_directory() {
     let inbox = bluetick_store::open_inbox_store(url).await.unwrap();
     let ticks = bluetick_store::open_tick_store(url).await.unwrap();
     let presence = bluetick_store::open_presence_store(url).await.unwrap();
-    for file in ["accounts.redb", "inbox.redb", "ticks.redb", "presence.redb"] {
+    for file in ["accounts.redb", "presence.redb"] {
         assert!(root.join(file).is_file(), "{file} is created");
+    }
+    for database in ["inbox", "ticks"] {
+        assert!(root.join(database).is_dir(), "{database}/ is created");
     }
     tokio::join!(
         conformance::account_suite(accounts),
@@ -77,7 +81,8 @@ async fn embedded_stores_share_a_directory() {
     );
 }
 
-/// A second open of a store file that is in use fails cleanly instead of corrupting it.
+/// A second open of a store that is in use fails cleanly instead of corrupting it, for
+/// both engines.
 #[tokio::test]
 async fn second_open_of_a_busy_file_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,6 +91,35 @@ async fn second_open_of_a_busy_file_is_unavailable() {
     assert!(
         matches!(second, Err(StoreError::Unavailable(_))),
         "{second:?}"
+    );
+    let _first = EmbeddedAccountStore::open(dir.path()).unwrap();
+    let second = EmbeddedAccountStore::open(dir.path());
+    assert!(
+        matches!(second, Err(StoreError::Unavailable(_))),
+        "{second:?}"
+    );
+}
+
+/// A data directory written by a bluetick that kept the inbox and ticks in redb files is
+/// refused with a message naming the file, not opened beside it with its messages unseen.
+#[tokio::test]
+async fn a_directory_with_the_old_redb_inbox_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inbox.redb"), b"old").unwrap();
+    std::fs::write(dir.path().join("ticks.redb"), b"old").unwrap();
+    let inbox = EmbeddedInboxStore::open(dir.path());
+    assert!(
+        matches!(&inbox, Err(StoreError::Unavailable(detail)) if detail.contains("inbox.redb")),
+        "{inbox:?}"
+    );
+    let ticks = EmbeddedTickStore::open(dir.path());
+    assert!(
+        matches!(&ticks, Err(StoreError::Unavailable(detail)) if detail.contains("ticks.redb")),
+        "{ticks:?}"
+    );
+    assert!(
+        !dir.path().join("inbox").exists(),
+        "nothing is created beside it"
     );
 }
 

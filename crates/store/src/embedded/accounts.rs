@@ -35,7 +35,7 @@ const ONE_TIME_PREKEYS: TableDefinition<'_, &[u8], &[u8]> =
 #[derive(Debug)]
 pub struct EmbeddedAccountStore {
     database: Arc<Database>,
-    committer: GroupCommitter,
+    committer: GroupCommitter<Database>,
 }
 
 impl EmbeddedAccountStore {

@@ -1,7 +1,7 @@
-//! The group committer shared by every embedded store.
+//! The group committer shared by every embedded store, over either engine ([`Engine`]).
 //!
-//! Callers [`submit`](GroupCommitter::submit) a write job (a closure over a redb
-//! [`WriteTransaction`]) and await its result. A dedicated writer thread takes the first
+//! Callers [`submit`](GroupCommitter::submit) a write job (a closure over the engine's write
+//! transaction) and await its result. A dedicated writer thread takes the first
 //! queued job, drains whatever else is queued (up to [`MAX_BATCH_JOBS`]), runs them one after
 //! the other in one write transaction and commits it once, durably. Only then is each caller
 //! released, with its own result: a single tick never precedes the fsync.
@@ -10,7 +10,7 @@
 //! delivered (lost, it is pending again and the device drops the copy by id) and receipts
 //! a sender confirmed (lost, they are sent again and change nothing). Those are
 //! [`submit_lazy`](GroupCommitter::submit_lazy): a batch of nothing but lazy jobs commits
-//! without an fsync (`Durability::None`; its changes are visible at once), and the next
+//! without an fsync (its changes are visible at once), and the next
 //! durable commit makes it durable too. Under load that is the next durable write, which
 //! costs nothing extra; the writer commits durably on its own at the latest
 //! [`MAX_LAZY_DELAY`] after the oldest lazy commit (an empty commit if no job came), and
@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{StoreError, StoreResult};
@@ -42,10 +41,163 @@ const MAX_LAZY_DELAY: Duration = Duration::from_millis(100);
 /// How many write jobs may wait for the writer before submitters wait for room.
 const QUEUE_CAPACITY: usize = 8 * MAX_BATCH_JOBS;
 
+/// A storage engine the group committer drives: one write transaction at a time, each
+/// committed durably (an fsync) or only made visible.
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// The engine's write transaction; dropping it uncommitted discards its writes.
+    type Transaction<'db>;
+
+    /// Starts the batch's write transaction.
+    fn begin(&self, durable: bool) -> StoreResult<Self::Transaction<'_>>;
+
+    /// Commits `transaction`, durably (before returning) if it was begun `durable`.
+    fn commit(&self, transaction: Self::Transaction<'_>) -> StoreResult<()>;
+
+    /// Makes every earlier commit durable.
+    fn sync(&self) -> StoreResult<()>;
+}
+
+/// The store's file could not take a commit: the disk, not the request, is at fault.
+fn commit_error(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Internal(detail) => StoreError::Internal(detail),
+        other => StoreError::Unavailable(format!("failed to commit: {other}")),
+    }
+}
+
+/// redb: a copy-on-write B-tree; a durable commit writes the changed pages and fsyncs.
+impl Engine for redb::Database {
+    type Transaction<'db> = redb::WriteTransaction;
+
+    fn begin(&self, durable: bool) -> StoreResult<redb::WriteTransaction> {
+        let mut transaction = self.begin_write()?;
+        transaction.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })?;
+        Ok(transaction)
+    }
+
+    fn commit(&self, transaction: redb::WriteTransaction) -> StoreResult<()> {
+        transaction
+            .commit()
+            .map_err(|error| commit_error(StoreError::from(error)))
+    }
+
+    fn sync(&self) -> StoreResult<()> {
+        let transaction = Engine::begin(self, true)?;
+        Engine::commit(self, transaction)
+    }
+}
+
+/// fjall: a log-structured merge tree; a commit appends one record to its journal, and a
+/// durable one `fdatasync`s the journal before its writes become visible.
+impl Engine for fjall::SingleWriterTxDatabase {
+    type Transaction<'db> = JournalTransaction<'db>;
+
+    fn begin(&self, durable: bool) -> StoreResult<JournalTransaction<'_>> {
+        Ok(JournalTransaction {
+            inner: self
+                .write_tx()
+                .durability(durable.then_some(fjall::PersistMode::SyncData)),
+            durable,
+            written: false,
+        })
+    }
+
+    fn commit(&self, transaction: JournalTransaction<'_>) -> StoreResult<()> {
+        let JournalTransaction {
+            inner,
+            durable,
+            written,
+        } = transaction;
+        if written {
+            inner
+                .commit()
+                .map_err(|error| commit_error(StoreError::from(error)))
+        } else if durable {
+            // fjall skips an empty commit, fsync included; earlier lazy commits must still
+            // become durable now.
+            drop(inner);
+            self.sync()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sync(&self) -> StoreResult<()> {
+        self.persist(fjall::PersistMode::SyncData)
+            .map_err(|error| commit_error(StoreError::from(error)))
+    }
+}
+
+/// A fjall write transaction that knows whether it wrote anything (see
+/// [`Engine::commit`] for fjall). Reads see the transaction's own writes.
+pub(crate) struct JournalTransaction<'db> {
+    inner: fjall::SingleWriterWriteTx<'db>,
+    durable: bool,
+    written: bool,
+}
+
+impl JournalTransaction<'_> {
+    /// The value of `key`, if any.
+    pub(crate) fn get(
+        &self,
+        keyspace: &fjall::SingleWriterTxKeyspace,
+        key: impl AsRef<[u8]>,
+    ) -> StoreResult<Option<fjall::UserValue>> {
+        Ok(fjall::Readable::get(&self.inner, keyspace, key)?)
+    }
+
+    /// Every key in `range`, in order.
+    pub(crate) fn keys_in(
+        &self,
+        keyspace: &fjall::SingleWriterTxKeyspace,
+        range: impl std::ops::RangeBounds<Vec<u8>>,
+    ) -> StoreResult<Vec<fjall::UserKey>> {
+        fjall::Readable::range(&self.inner, keyspace, range)
+            .map(|entry| Ok(entry.key()?))
+            .collect()
+    }
+
+    /// Sets `key` to `value`.
+    pub(crate) fn insert(
+        &mut self,
+        keyspace: &fjall::SingleWriterTxKeyspace,
+        key: impl Into<fjall::UserKey>,
+        value: impl Into<fjall::UserValue>,
+    ) {
+        self.written = true;
+        self.inner.insert(keyspace, key, value);
+    }
+
+    /// Removes `key`.
+    pub(crate) fn remove(
+        &mut self,
+        keyspace: &fjall::SingleWriterTxKeyspace,
+        key: impl Into<fjall::UserKey>,
+    ) {
+        self.written = true;
+        self.inner.remove(keyspace, key);
+    }
+
+    /// Removes `key` and returns its value, if it had one.
+    pub(crate) fn take(
+        &mut self,
+        keyspace: &fjall::SingleWriterTxKeyspace,
+        key: impl Into<fjall::UserKey>,
+    ) -> StoreResult<Option<fjall::UserValue>> {
+        let value_opt = self.inner.take(keyspace, key)?;
+        self.written |= value_opt.is_some();
+        Ok(value_opt)
+    }
+}
+
 /// A write job with its result type erased, so one writer serves every kind of job.
-trait ErasedJob: Send {
+trait ErasedJob<E: Engine>: Send {
     /// Runs the job inside the batch transaction. `Err` means the batch must abort.
-    fn apply(&mut self, transaction: &WriteTransaction) -> Result<(), StoreError>;
+    fn apply(&mut self, transaction: &mut E::Transaction<'_>) -> Result<(), StoreError>;
 
     /// Releases the caller once the batch is committed (`Ok`) or failed (`Err`).
     fn finish(self: Box<Self>, batch_result: Result<(), StoreError>);
@@ -61,12 +213,13 @@ struct TypedJob<T, F> {
     reply: oneshot::Sender<StoreResult<T>>,
 }
 
-impl<T, F> ErasedJob for TypedJob<T, F>
+impl<E, T, F> ErasedJob<E> for TypedJob<T, F>
 where
+    E: Engine,
     T: Send + 'static,
-    F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+    F: for<'t, 'db> FnOnce(&'t mut E::Transaction<'db>) -> StoreResult<T> + Send + 'static,
 {
-    fn apply(&mut self, transaction: &WriteTransaction) -> Result<(), StoreError> {
+    fn apply(&mut self, transaction: &mut E::Transaction<'_>) -> Result<(), StoreError> {
         let Some(work) = self.work_opt.take() else {
             return Ok(());
         };
@@ -114,27 +267,29 @@ fn duplicate_error(error: &StoreError) -> StoreError {
 ///
 /// Dropping it closes the queue, lets the writer finish what is queued and joins it, so
 /// the database file is released when the store is dropped.
-#[derive(Debug)]
-pub(crate) struct GroupCommitter {
+pub(crate) struct GroupCommitter<E: Engine> {
     /// `None` only while dropping, to close the queue before joining the writer.
-    sender_opt: Option<mpsc::Sender<Box<dyn ErasedJob>>>,
+    sender_opt: Option<mpsc::Sender<Box<dyn ErasedJob<E>>>>,
     writer_opt: Option<JoinHandle<()>>,
     /// Committed write transactions, for tests and metrics.
     commits: Arc<AtomicU64>,
 }
 
-impl std::fmt::Debug for dyn ErasedJob {
+impl<E: Engine> std::fmt::Debug for GroupCommitter<E> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("ErasedJob")
+        formatter
+            .debug_struct("GroupCommitter")
+            .field("commits", &self.commit_count())
+            .finish_non_exhaustive()
     }
 }
 
-impl GroupCommitter {
+impl<E: Engine> GroupCommitter<E> {
     /// Starts the writer thread of `database`.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] if the thread cannot be spawned.
-    pub(crate) fn start(name: &str, database: Arc<Database>) -> StoreResult<Self> {
+    pub(crate) fn start(name: &str, database: Arc<E>) -> StoreResult<Self> {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let commits = Arc::new(AtomicU64::new(0));
         let writer_commits = Arc::clone(&commits);
@@ -146,7 +301,7 @@ impl GroupCommitter {
             })?;
         let writer = std::thread::Builder::new()
             .name(format!("{name}-writer"))
-            .spawn(move || run_writer(&database, &waiter, receiver, &writer_commits))
+            .spawn(move || run_writer(database.as_ref(), &waiter, receiver, &writer_commits))
             .map_err(|error| {
                 StoreError::Unavailable(format!("failed to start {name} writer thread: {error}"))
             })?;
@@ -166,7 +321,7 @@ impl GroupCommitter {
     pub(crate) async fn submit<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+        F: for<'t, 'db> FnOnce(&'t mut E::Transaction<'db>) -> StoreResult<T> + Send + 'static,
     {
         self.submit_with(true, work).await
     }
@@ -180,7 +335,7 @@ impl GroupCommitter {
     pub(crate) async fn submit_lazy<T, F>(&self, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+        F: for<'t, 'db> FnOnce(&'t mut E::Transaction<'db>) -> StoreResult<T> + Send + 'static,
     {
         self.submit_with(false, work).await
     }
@@ -188,7 +343,7 @@ impl GroupCommitter {
     async fn submit_with<T, F>(&self, durable: bool, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> StoreResult<T> + Send + 'static,
+        F: for<'t, 'db> FnOnce(&'t mut E::Transaction<'db>) -> StoreResult<T> + Send + 'static,
     {
         let sender = self
             .sender_opt
@@ -216,7 +371,7 @@ impl GroupCommitter {
     }
 }
 
-impl Drop for GroupCommitter {
+impl<E: Engine> Drop for GroupCommitter<E> {
     fn drop(&mut self) {
         drop(self.sender_opt.take());
         let joined_opt = self.writer_opt.take().map(JoinHandle::join);
@@ -232,13 +387,13 @@ impl Drop for GroupCommitter {
 ///
 /// `waiter` (a current-thread runtime with a timer) drives the timed wait for the next job
 /// while a lazy commit is not durable.
-fn run_writer(
-    database: &Database,
+fn run_writer<E: Engine>(
+    database: &E,
     waiter: &tokio::runtime::Runtime,
-    mut receiver: mpsc::Receiver<Box<dyn ErasedJob>>,
+    mut receiver: mpsc::Receiver<Box<dyn ErasedJob<E>>>,
     commits: &AtomicU64,
 ) {
-    let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(MAX_BATCH_JOBS);
+    let mut batch: Vec<Box<dyn ErasedJob<E>>> = Vec::with_capacity(MAX_BATCH_JOBS);
     // Since when a lazy commit has not been durable, if one is not.
     let mut lazy_since_opt: Option<Instant> = None;
     loop {
@@ -299,10 +454,9 @@ fn run_writer(
     }
 }
 
-/// Commits an empty durable transaction, which makes every earlier lazy commit durable.
-/// Returns false (and logs) if that failed.
-fn make_durable(database: &Database, commits: &AtomicU64) -> bool {
-    match apply_batch(database, &mut [], true) {
+/// Makes every earlier lazy commit durable. Returns false (and logs) if that failed.
+fn make_durable<E: Engine>(database: &E, commits: &AtomicU64) -> bool {
+    match database.sync() {
         Ok(()) => {
             commits.fetch_add(1, Ordering::Relaxed);
             true
@@ -314,30 +468,16 @@ fn make_durable(database: &Database, commits: &AtomicU64) -> bool {
     }
 }
 
-/// Applies every job of `batch` in one write transaction, durable if `durable`.
-fn apply_batch(
-    database: &Database,
-    batch: &mut [Box<dyn ErasedJob>],
+/// Applies every job of `batch` in one write transaction, durable if `durable`. A failing
+/// job drops the transaction uncommitted, which discards the whole batch.
+fn apply_batch<E: Engine>(
+    database: &E,
+    batch: &mut [Box<dyn ErasedJob<E>>],
     durable: bool,
 ) -> StoreResult<()> {
-    let mut transaction = database.begin_write()?;
-    transaction.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })?;
+    let mut transaction = database.begin(durable)?;
     for job in batch.iter_mut() {
-        if let Err(error) = job.apply(&transaction) {
-            if let Err(abort_error) = transaction.abort() {
-                tracing::warn!(%abort_error, "failed to abort store write batch");
-            }
-            return Err(error);
-        }
+        job.apply(&mut transaction)?;
     }
-    transaction
-        .commit()
-        .map_err(|error| match StoreError::from(error) {
-            StoreError::Internal(detail) => StoreError::Internal(detail),
-            other => StoreError::Unavailable(format!("failed to commit: {other}")),
-        })
+    database.commit(transaction)
 }

@@ -1,11 +1,11 @@
-//! [`EmbeddedInboxStore`]: per-device inboxes in `inbox.redb`.
+//! [`EmbeddedInboxStore`]: per-device inboxes in the fjall database `inbox/`.
 //!
-//! Tables (keys per [`codec`](super::codec)):
+//! Keyspaces (keys per [`codec`](super::codec)):
 //! - `undelivered`: `(recipient device, message_id)` → message. `pending` scans only this.
 //! - `delivered`: same key and value; `mark_delivered` moves rows here until they are read.
-//! - `message_expiry`: `(expires_at_ms, inbox key)` → `()`, so purging reads only what expired.
+//! - `message_expiry`: `(expires_at_ms, inbox key)` → empty, so purging reads only what expired.
 //! - `idempotency`: `(sender device, client_msg_id)` → `(message_id, sent_at_ms, expires_at_ms)`.
-//! - `idempotency_expiry`: `(expires_at_ms, idempotency key)` → `()`.
+//! - `idempotency_expiry`: `(expires_at_ms, idempotency key)` → empty.
 //!
 //! A message value is `sender, sent_at_ms, expires_at_ms, payload` (payload unprefixed, last).
 
@@ -15,47 +15,75 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bluetick_proto::common::v1::DeviceAddress;
 use bytes::Bytes;
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use fjall::{Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
 
 use super::codec::{self, Decoder, Encoder};
-use super::committer::GroupCommitter;
-use super::{open_database, read_point, read_snapshot};
+use super::committer::{GroupCommitter, JournalTransaction};
+use super::{open_journal_database, read_journal_snapshot};
 use crate::{AcceptOutcome, AcceptRecord, InboxStore, StoreResult, StoredMessage};
 
-const UNDELIVERED: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("undelivered");
-const DELIVERED: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("delivered");
-const MESSAGE_EXPIRY: TableDefinition<'_, &[u8], ()> = TableDefinition::new("message_expiry");
-const IDEMPOTENCY: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("idempotency");
-const IDEMPOTENCY_EXPIRY: TableDefinition<'_, &[u8], ()> =
-    TableDefinition::new("idempotency_expiry");
+/// The inbox's keyspaces.
+struct Tables {
+    undelivered: SingleWriterTxKeyspace,
+    delivered: SingleWriterTxKeyspace,
+    message_expiry: SingleWriterTxKeyspace,
+    idempotency: SingleWriterTxKeyspace,
+    idempotency_expiry: SingleWriterTxKeyspace,
+}
 
-/// The embedded [`InboxStore`], in `inbox.redb`.
-#[derive(Debug)]
+/// The embedded [`InboxStore`], in the fjall database `inbox/`.
 pub struct EmbeddedInboxStore {
-    database: Arc<Database>,
-    committer: GroupCommitter,
+    database: Arc<SingleWriterTxDatabase>,
+    tables: Arc<Tables>,
+    committer: GroupCommitter<SingleWriterTxDatabase>,
+}
+
+impl std::fmt::Debug for EmbeddedInboxStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EmbeddedInboxStore")
+            .field("committer", &self.committer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedInboxStore {
-    /// Opens (or creates) `inbox.redb` in `dir`, creating the directory if needed.
+    /// Opens (or creates) the database `inbox/` in `dir`, creating directories if needed.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`](crate::StoreError::Unavailable) if the file cannot be
-    /// opened, for instance because another process has it open.
+    /// [`StoreError::Unavailable`](crate::StoreError::Unavailable) if it cannot be opened,
+    /// for instance because another process has it open, or if `dir` still holds an
+    /// `inbox.redb` of an earlier bluetick.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let database = open_database(dir, "inbox.redb")?;
-        let transaction = database.begin_write()?;
-        {
-            transaction.open_table(UNDELIVERED)?;
-            transaction.open_table(DELIVERED)?;
-            transaction.open_table(MESSAGE_EXPIRY)?;
-            transaction.open_table(IDEMPOTENCY)?;
-            transaction.open_table(IDEMPOTENCY_EXPIRY)?;
-        }
-        transaction.commit()?;
+        let (database, keyspaces) = open_journal_database(
+            dir,
+            "inbox",
+            [
+                "undelivered",
+                "delivered",
+                "message_expiry",
+                "idempotency",
+                "idempotency_expiry",
+            ],
+        )?;
+        let [
+            undelivered,
+            delivered,
+            message_expiry,
+            idempotency,
+            idempotency_expiry,
+        ] = keyspaces;
+        let tables = Arc::new(Tables {
+            undelivered,
+            delivered,
+            message_expiry,
+            idempotency,
+            idempotency_expiry,
+        });
         let committer = GroupCommitter::start("inbox", Arc::clone(&database))?;
         Ok(Self {
             database,
+            tables,
             committer,
         })
     }
@@ -113,11 +141,14 @@ fn idempotency_key(sender: &DeviceAddress, client_msg_id: &str) -> Vec<u8> {
     Encoder::new().device(sender).str(client_msg_id).finish()
 }
 
-fn accept_in(transaction: &WriteTransaction, record: &AcceptRecord) -> StoreResult<AcceptOutcome> {
+fn accept_in(
+    transaction: &mut JournalTransaction<'_>,
+    tables: &Tables,
+    record: &AcceptRecord,
+) -> StoreResult<AcceptOutcome> {
     let idempotency_key = idempotency_key(&record.sender, &record.client_msg_id);
-    let mut idempotency = transaction.open_table(IDEMPOTENCY)?;
-    if let Some(existing) = idempotency.get(idempotency_key.as_slice())? {
-        let mut decoder = Decoder::new(existing.value());
+    if let Some(existing) = transaction.get(&tables.idempotency, idempotency_key.as_slice())? {
+        let mut decoder = Decoder::new(&existing);
         let message_id = decoder.u64()?;
         let sent_at_ms = decoder.u64()?;
         return Ok(AcceptOutcome::Duplicate {
@@ -125,8 +156,6 @@ fn accept_in(transaction: &WriteTransaction, record: &AcceptRecord) -> StoreResu
             sent_at_ms,
         });
     }
-    let mut undelivered = transaction.open_table(UNDELIVERED)?;
-    let mut message_expiry_index = transaction.open_table(MESSAGE_EXPIRY)?;
     let value_prefix = encode_message(&record.sender, record.sent_at_ms, record.expires_at_ms, &[]);
     for (device_id, payload) in &record.envelopes {
         let recipient = DeviceAddress::new(record.recipient_user_id.clone(), *device_id);
@@ -134,89 +163,69 @@ fn accept_in(transaction: &WriteTransaction, record: &AcceptRecord) -> StoreResu
         let mut value = Vec::with_capacity(value_prefix.len() + payload.len());
         value.extend_from_slice(&value_prefix);
         value.extend_from_slice(payload);
-        undelivered.insert(inbox_key.as_slice(), value.as_slice())?;
         let expiry_key = codec::expiry_key(record.expires_at_ms, &inbox_key);
-        message_expiry_index.insert(expiry_key.as_slice(), ())?;
+        transaction.insert(&tables.undelivered, inbox_key, value);
+        transaction.insert(&tables.message_expiry, expiry_key, []);
     }
     let idempotency_value = Encoder::new()
         .u64(record.message_id)
         .u64(record.sent_at_ms)
         .u64(record.expires_at_ms)
         .finish();
-    idempotency.insert(idempotency_key.as_slice(), idempotency_value.as_slice())?;
-    let mut idempotency_expiry = transaction.open_table(IDEMPOTENCY_EXPIRY)?;
     let expiry_key = codec::expiry_key(record.expires_at_ms, &idempotency_key);
-    idempotency_expiry.insert(expiry_key.as_slice(), ())?;
+    transaction.insert(&tables.idempotency, idempotency_key, idempotency_value);
+    transaction.insert(&tables.idempotency_expiry, expiry_key, []);
     Ok(AcceptOutcome::Stored)
 }
 
-fn purge_in(transaction: &WriteTransaction, now_ms: u64) -> StoreResult<u64> {
+fn purge_in(
+    transaction: &mut JournalTransaction<'_>,
+    tables: &Tables,
+    now_ms: u64,
+) -> StoreResult<u64> {
     let bound = codec::expiry_bound(now_ms);
     let mut purged_messages = 0u64;
-    {
-        let mut index = transaction.open_table(MESSAGE_EXPIRY)?;
-        let mut undelivered = transaction.open_table(UNDELIVERED)?;
-        let mut delivered = transaction.open_table(DELIVERED)?;
-        let expired = collect_keys_below(&index, &bound)?;
-        for expiry_key in expired {
-            let (_, inbox_key) = codec::split_expiry_key(&expiry_key)?;
-            let removed_undelivered = undelivered.remove(inbox_key)?.is_some();
-            let removed_delivered = delivered.remove(inbox_key)?.is_some();
-            if removed_undelivered || removed_delivered {
-                purged_messages += 1;
-            }
-            index.remove(expiry_key.as_slice())?;
+    for expiry_key in transaction.keys_in(&tables.message_expiry, ..bound.clone())? {
+        let (_, inbox_key) = codec::split_expiry_key(&expiry_key)?;
+        let removed_undelivered = transaction.take(&tables.undelivered, inbox_key)?.is_some();
+        let removed_delivered = transaction.take(&tables.delivered, inbox_key)?.is_some();
+        if removed_undelivered || removed_delivered {
+            purged_messages += 1;
         }
+        transaction.remove(&tables.message_expiry, expiry_key);
     }
-    {
-        let mut index = transaction.open_table(IDEMPOTENCY_EXPIRY)?;
-        let mut idempotency = transaction.open_table(IDEMPOTENCY)?;
-        let expired = collect_keys_below(&index, &bound)?;
-        for expiry_key in expired {
-            let (expires_at_ms, idempotency_key) = codec::split_expiry_key(&expiry_key)?;
-            // Only remove the record this index entry was written for.
-            let current_expiry_opt = match idempotency.get(idempotency_key)? {
-                Some(value) => {
-                    let mut decoder = Decoder::new(value.value());
-                    decoder.u64()?;
-                    decoder.u64()?;
-                    Some(decoder.u64()?)
-                }
-                None => None,
-            };
-            if current_expiry_opt == Some(expires_at_ms) {
-                idempotency.remove(idempotency_key)?;
+    for expiry_key in transaction.keys_in(&tables.idempotency_expiry, ..bound)? {
+        let (expires_at_ms, idempotency_key) = codec::split_expiry_key(&expiry_key)?;
+        // Only remove the record this index entry was written for.
+        let current_expiry_opt = match transaction.get(&tables.idempotency, idempotency_key)? {
+            Some(value) => {
+                let mut decoder = Decoder::new(&value);
+                decoder.u64()?;
+                decoder.u64()?;
+                Some(decoder.u64()?)
             }
-            index.remove(expiry_key.as_slice())?;
+            None => None,
+        };
+        if current_expiry_opt == Some(expires_at_ms) {
+            transaction.remove(&tables.idempotency, idempotency_key);
         }
+        transaction.remove(&tables.idempotency_expiry, expiry_key);
     }
     Ok(purged_messages)
-}
-
-/// Returns every key of an expiry index below `bound`.
-fn collect_keys_below(
-    index: &impl ReadableTable<&'static [u8], ()>,
-    bound: &[u8],
-) -> StoreResult<Vec<Vec<u8>>> {
-    let mut keys = Vec::new();
-    for entry in index.range::<&[u8]>(..bound)? {
-        let (key, _) = entry?;
-        keys.push(key.value().to_vec());
-    }
-    Ok(keys)
 }
 
 #[async_trait]
 impl InboxStore for EmbeddedInboxStore {
     async fn accept_batch(&self, records: Vec<AcceptRecord>) -> Vec<StoreResult<AcceptOutcome>> {
         let count = records.len();
+        let tables = Arc::clone(&self.tables);
         // One job, one transaction: the whole batch becomes visible at once.
         let outcomes = self
             .committer
             .submit(move |transaction| {
                 records
                     .iter()
-                    .map(|record| accept_in(transaction, record))
+                    .map(|record| accept_in(transaction, &tables, record))
                     .collect::<StoreResult<Vec<AcceptOutcome>>>()
             })
             .await;
@@ -240,13 +249,13 @@ impl InboxStore for EmbeddedInboxStore {
             return Ok(Vec::new());
         }
         let device = device.clone();
-        read_snapshot(&self.database, move |transaction| {
-            let undelivered = transaction.open_table(UNDELIVERED)?;
+        let tables = Arc::clone(&self.tables);
+        read_journal_snapshot(&self.database, move |snapshot| {
             let (low, high) = codec::device_row_range(&device, first_id, u64::MAX);
             let mut messages = Vec::new();
-            for entry in undelivered.range::<&[u8]>(low.as_slice()..=high.as_slice())? {
-                let (key, value) = entry?;
-                let message = decode_message(&device, codec::row_id(key.value())?, value.value())?;
+            for entry in snapshot.range(&tables.undelivered, low.as_slice()..=high.as_slice()) {
+                let (key, value) = entry.into_inner()?;
+                let message = decode_message(&device, codec::row_id(&key)?, &value)?;
                 if message.expires_at_ms <= now_ms {
                     continue;
                 }
@@ -265,17 +274,13 @@ impl InboxStore for EmbeddedInboxStore {
             .iter()
             .map(|message_id| codec::device_row_key(device, *message_id))
             .collect();
+        let tables = Arc::clone(&self.tables);
         // Lazy: lost in a crash, the messages are pending again and devices drop the copies.
         self.committer
             .submit_lazy(move |transaction| {
-                let mut undelivered = transaction.open_table(UNDELIVERED)?;
-                let mut delivered = transaction.open_table(DELIVERED)?;
-                for key in &keys {
-                    let moved_opt = undelivered
-                        .remove(key.as_slice())?
-                        .map(|value| value.value().to_vec());
-                    if let Some(value) = moved_opt {
-                        delivered.insert(key.as_slice(), value.as_slice())?;
+                for key in keys {
+                    if let Some(value) = transaction.take(&tables.undelivered, key.as_slice())? {
+                        transaction.insert(&tables.delivered, key, value);
                     }
                 }
                 Ok(())
@@ -288,25 +293,26 @@ impl InboxStore for EmbeddedInboxStore {
             .iter()
             .map(|message_id| codec::device_row_key(device, *message_id))
             .collect();
+        let tables = Arc::clone(&self.tables);
         self.committer
             .submit(move |transaction| {
-                let mut undelivered = transaction.open_table(UNDELIVERED)?;
-                let mut delivered = transaction.open_table(DELIVERED)?;
-                let mut index = transaction.open_table(MESSAGE_EXPIRY)?;
                 for key in &keys {
-                    let removed_undelivered = undelivered
-                        .remove(key.as_slice())?
-                        .map(|value| message_expiry(value.value()))
+                    let removed_undelivered = transaction
+                        .take(&tables.undelivered, key.as_slice())?
+                        .map(|value| message_expiry(&value))
                         .transpose()?;
-                    let removed_delivered = delivered
-                        .remove(key.as_slice())?
-                        .map(|value| message_expiry(value.value()))
+                    let removed_delivered = transaction
+                        .take(&tables.delivered, key.as_slice())?
+                        .map(|value| message_expiry(&value))
                         .transpose()?;
                     for expires_at_ms in [removed_undelivered, removed_delivered]
                         .into_iter()
                         .flatten()
                     {
-                        index.remove(codec::expiry_key(expires_at_ms, key).as_slice())?;
+                        transaction.remove(
+                            &tables.message_expiry,
+                            codec::expiry_key(expires_at_ms, key),
+                        );
                     }
                 }
                 Ok(())
@@ -316,19 +322,18 @@ impl InboxStore for EmbeddedInboxStore {
 
     async fn contains(&self, device: &DeviceAddress, message_id: u64) -> StoreResult<bool> {
         let key = codec::device_row_key(device, message_id);
-        read_point(&self.database, |transaction| {
-            let undelivered = transaction.open_table(UNDELIVERED)?;
-            if undelivered.get(key.as_slice())?.is_some() {
-                return Ok(true);
-            }
-            let delivered = transaction.open_table(DELIVERED)?;
-            Ok(delivered.get(key.as_slice())?.is_some())
-        })
+        // One snapshot for both keyspaces: a concurrent move between them is seen whole.
+        let snapshot = self.database.read_tx();
+        Ok(
+            snapshot.contains_key(&self.tables.undelivered, key.as_slice())?
+                || snapshot.contains_key(&self.tables.delivered, key.as_slice())?,
+        )
     }
 
     async fn purge_expired(&self, now_ms: u64) -> StoreResult<u64> {
+        let tables = Arc::clone(&self.tables);
         self.committer
-            .submit(move |transaction| purge_in(transaction, now_ms))
+            .submit(move |transaction| purge_in(transaction, &tables, now_ms))
             .await
     }
 }

@@ -23,7 +23,7 @@ const CONTACTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("contact
 #[derive(Debug)]
 pub struct EmbeddedPresenceStore {
     database: Arc<Database>,
-    committer: GroupCommitter,
+    committer: GroupCommitter<Database>,
 }
 
 impl EmbeddedPresenceStore {

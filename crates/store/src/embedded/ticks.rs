@@ -1,9 +1,9 @@
-//! [`EmbeddedTickStore`]: tick state and receipt outboxes in `ticks.redb`.
+//! [`EmbeddedTickStore`]: tick state and receipt outboxes in the fjall database `ticks/`.
 //!
-//! Tables (keys per [`codec`](super::codec)):
-//! - `ticks`: `message_id` → `sender, recipient user, sent_at_ms, expires_at_ms,
-//!   [(device, status)]`.
-//! - `tick_expiry`: `(expires_at_ms, message_id)` → `()`, for `purge_expired`.
+//! Keyspaces (keys per [`codec`](super::codec)):
+//! - `ticks`: `message_id` (big-endian) → `sender, recipient user, sent_at_ms,
+//!   expires_at_ms, [(device, status)]`.
+//! - `tick_expiry`: `(expires_at_ms, message_id)` → empty, for `purge_expired`.
 //! - `outbox`: `(sender device, receipt_id)` → `message_id, recipient device, status, at_ms`.
 
 use std::path::Path;
@@ -11,42 +11,54 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bluetick_proto::common::v1::{DeviceAddress, TickStatus};
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use fjall::{Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
 
 use super::codec::{self, Decoder, Encoder};
-use super::committer::GroupCommitter;
-use super::{open_database, read_snapshot};
+use super::committer::{GroupCommitter, JournalTransaction};
+use super::{open_journal_database, read_journal_snapshot};
 use crate::{AckOutcome, SentRecord, StoreError, StoreResult, StoredReceipt, TickStore};
 
-const TICKS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("ticks");
-const TICK_EXPIRY: TableDefinition<'_, &[u8], ()> = TableDefinition::new("tick_expiry");
-const OUTBOX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
+/// The tick store's keyspaces.
+struct Tables {
+    ticks: SingleWriterTxKeyspace,
+    tick_expiry: SingleWriterTxKeyspace,
+    outbox: SingleWriterTxKeyspace,
+}
 
-/// The embedded [`TickStore`], in `ticks.redb`.
-#[derive(Debug)]
+/// The embedded [`TickStore`], in the fjall database `ticks/`.
 pub struct EmbeddedTickStore {
-    database: Arc<Database>,
-    committer: GroupCommitter,
+    database: Arc<SingleWriterTxDatabase>,
+    tables: Arc<Tables>,
+    committer: GroupCommitter<SingleWriterTxDatabase>,
+}
+
+impl std::fmt::Debug for EmbeddedTickStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EmbeddedTickStore")
+            .field("committer", &self.committer)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EmbeddedTickStore {
-    /// Opens (or creates) `ticks.redb` in `dir`, creating the directory if needed.
+    /// Opens (or creates) the database `ticks/` in `dir`, creating directories if needed.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] if the file cannot be opened, for instance because
-    /// another process has it open.
+    /// [`StoreError::Unavailable`] if it cannot be opened, for instance because another
+    /// process has it open, or if `dir` still holds a `ticks.redb` of an earlier bluetick.
     pub fn open(dir: &Path) -> StoreResult<Self> {
-        let database = open_database(dir, "ticks.redb")?;
-        let transaction = database.begin_write()?;
-        {
-            transaction.open_table(TICKS)?;
-            transaction.open_table(TICK_EXPIRY)?;
-            transaction.open_table(OUTBOX)?;
-        }
-        transaction.commit()?;
+        let (database, [ticks, tick_expiry, outbox]) =
+            open_journal_database(dir, "ticks", ["ticks", "tick_expiry", "outbox"])?;
+        let tables = Arc::new(Tables {
+            ticks,
+            tick_expiry,
+            outbox,
+        });
         let committer = GroupCommitter::start("ticks", Arc::clone(&database))?;
         Ok(Self {
             database,
+            tables,
             committer,
         })
     }
@@ -148,11 +160,14 @@ fn tick_expiry_key(expires_at_ms: u64, message_id: u64) -> Vec<u8> {
     codec::expiry_key(expires_at_ms, &message_id.to_be_bytes())
 }
 
-fn record_sent_in(transaction: &WriteTransaction, record: &SentRecord) -> StoreResult<()> {
-    let mut ticks = transaction.open_table(TICKS)?;
-    let existing_opt = ticks
-        .get(record.message_id)?
-        .map(|value| TickRecord::decode(value.value()))
+fn record_sent_in(
+    transaction: &mut JournalTransaction<'_>,
+    tables: &Tables,
+    record: &SentRecord,
+) -> StoreResult<()> {
+    let existing_opt = transaction
+        .get(&tables.ticks, record.message_id.to_be_bytes())?
+        .map(|value| TickRecord::decode(&value))
         .transpose()?;
     let tick_record = match existing_opt {
         Some(mut existing) => {
@@ -181,11 +196,11 @@ fn record_sent_in(transaction: &WriteTransaction, record: &SentRecord) -> StoreR
             let mut device_ids = record.recipient_device_ids.clone();
             device_ids.sort_unstable();
             device_ids.dedup();
-            let mut expiry = transaction.open_table(TICK_EXPIRY)?;
-            expiry.insert(
-                tick_expiry_key(record.expires_at_ms, record.message_id).as_slice(),
-                (),
-            )?;
+            transaction.insert(
+                &tables.tick_expiry,
+                tick_expiry_key(record.expires_at_ms, record.message_id),
+                [],
+            );
             TickRecord {
                 sender: record.sender.clone(),
                 recipient_user_id: record.recipient_user_id.clone(),
@@ -198,24 +213,27 @@ fn record_sent_in(transaction: &WriteTransaction, record: &SentRecord) -> StoreR
             }
         }
     };
-    ticks.insert(record.message_id, tick_record.encode().as_slice())?;
+    transaction.insert(
+        &tables.ticks,
+        record.message_id.to_be_bytes(),
+        tick_record.encode(),
+    );
     Ok(())
 }
 
 fn acknowledge_in(
-    transaction: &WriteTransaction,
+    transaction: &mut JournalTransaction<'_>,
+    tables: &Tables,
     recipient: &DeviceAddress,
     status: TickStatus,
     acks: &[(u64, u64)],
     at_ms: u64,
 ) -> StoreResult<Vec<AckOutcome>> {
-    let mut ticks = transaction.open_table(TICKS)?;
-    let mut outbox = transaction.open_table(OUTBOX)?;
     let mut outcomes = Vec::with_capacity(acks.len());
     for (message_id, receipt_id) in acks {
-        let record_opt = ticks
-            .get(*message_id)?
-            .map(|value| TickRecord::decode(value.value()))
+        let record_opt = transaction
+            .get(&tables.ticks, message_id.to_be_bytes())?
+            .map(|value| TickRecord::decode(&value))
             .transpose()?;
         let Some(mut record) = record_opt else {
             outcomes.push(AckOutcome::NotFound);
@@ -242,7 +260,7 @@ fn acknowledge_in(
             continue;
         }
         state.1 = status as i32;
-        ticks.insert(*message_id, record.encode().as_slice())?;
+        transaction.insert(&tables.ticks, message_id.to_be_bytes(), record.encode());
         let receipt = StoredReceipt {
             receipt_id: *receipt_id,
             sender: record.sender.clone(),
@@ -252,29 +270,26 @@ fn acknowledge_in(
             at_ms,
         };
         let outbox_key = codec::device_row_key(&record.sender, *receipt_id);
-        outbox.insert(outbox_key.as_slice(), encode_receipt(&receipt).as_slice())?;
+        transaction.insert(&tables.outbox, outbox_key, encode_receipt(&receipt));
         outcomes.push(AckOutcome::Advanced(receipt));
     }
     Ok(outcomes)
 }
 
-fn purge_in(transaction: &WriteTransaction, now_ms: u64) -> StoreResult<u64> {
+fn purge_in(
+    transaction: &mut JournalTransaction<'_>,
+    tables: &Tables,
+    now_ms: u64,
+) -> StoreResult<u64> {
     let bound = codec::expiry_bound(now_ms);
-    let mut index = transaction.open_table(TICK_EXPIRY)?;
-    let mut ticks = transaction.open_table(TICKS)?;
-    let mut expired_keys = Vec::new();
-    for entry in index.range::<&[u8]>(..bound.as_slice())? {
-        let (key, _) = entry?;
-        expired_keys.push(key.value().to_vec());
-    }
+    let expired_keys = transaction.keys_in(&tables.tick_expiry, ..bound)?;
     let mut purged = 0u64;
     for expiry_key in expired_keys {
         let (_, message_id_bytes) = codec::split_expiry_key(&expiry_key)?;
-        let message_id = Decoder::new(message_id_bytes).u64()?;
-        if ticks.remove(message_id)?.is_some() {
+        if transaction.take(&tables.ticks, message_id_bytes)?.is_some() {
             purged += 1;
         }
-        index.remove(expiry_key.as_slice())?;
+        transaction.remove(&tables.tick_expiry, expiry_key);
     }
     Ok(purged)
 }
@@ -282,8 +297,9 @@ fn purge_in(transaction: &WriteTransaction, now_ms: u64) -> StoreResult<u64> {
 #[async_trait]
 impl TickStore for EmbeddedTickStore {
     async fn record_sent(&self, record: SentRecord) -> StoreResult<()> {
+        let tables = Arc::clone(&self.tables);
         self.committer
-            .submit(move |transaction| record_sent_in(transaction, &record))
+            .submit(move |transaction| record_sent_in(transaction, &tables, &record))
             .await
     }
 
@@ -295,9 +311,10 @@ impl TickStore for EmbeddedTickStore {
         at_ms: u64,
     ) -> StoreResult<Vec<AckOutcome>> {
         let recipient = recipient.clone();
+        let tables = Arc::clone(&self.tables);
         self.committer
             .submit(move |transaction| {
-                acknowledge_in(transaction, &recipient, status, &acks, at_ms)
+                acknowledge_in(transaction, &tables, &recipient, status, &acks, at_ms)
             })
             .await
     }
@@ -315,17 +332,13 @@ impl TickStore for EmbeddedTickStore {
             return Ok(Vec::new());
         }
         let sender = sender.clone();
-        read_snapshot(&self.database, move |transaction| {
-            let outbox = transaction.open_table(OUTBOX)?;
+        let tables = Arc::clone(&self.tables);
+        read_journal_snapshot(&self.database, move |snapshot| {
             let (low, high) = codec::device_row_range(&sender, first_id, u64::MAX);
             let mut receipts = Vec::new();
-            for entry in outbox.range::<&[u8]>(low.as_slice()..=high.as_slice())? {
-                let (key, value) = entry?;
-                receipts.push(decode_receipt(
-                    &sender,
-                    codec::row_id(key.value())?,
-                    value.value(),
-                )?);
+            for entry in snapshot.range(&tables.outbox, low.as_slice()..=high.as_slice()) {
+                let (key, value) = entry.into_inner()?;
+                receipts.push(decode_receipt(&sender, codec::row_id(&key)?, &value)?);
                 if receipts.len() >= limit {
                     break;
                 }
@@ -344,12 +357,12 @@ impl TickStore for EmbeddedTickStore {
             .iter()
             .map(|receipt_id| codec::device_row_key(sender, *receipt_id))
             .collect();
+        let tables = Arc::clone(&self.tables);
         // Lazy: lost in a crash, the receipts are sent again and change nothing.
         self.committer
             .submit_lazy(move |transaction| {
-                let mut outbox = transaction.open_table(OUTBOX)?;
-                for key in &keys {
-                    outbox.remove(key.as_slice())?;
+                for key in keys {
+                    transaction.remove(&tables.outbox, key);
                 }
                 Ok(())
             })
@@ -363,14 +376,14 @@ impl TickStore for EmbeddedTickStore {
     ) -> StoreResult<Vec<(u64, u32, TickStatus)>> {
         let sender = sender.clone();
         let message_ids = message_ids.to_vec();
-        read_snapshot(&self.database, move |transaction| {
-            let ticks = transaction.open_table(TICKS)?;
+        let tables = Arc::clone(&self.tables);
+        read_journal_snapshot(&self.database, move |snapshot| {
             let mut states = Vec::new();
             for message_id in message_ids {
-                let Some(value) = ticks.get(message_id)? else {
+                let Some(value) = snapshot.get(&tables.ticks, message_id.to_be_bytes())? else {
                     continue;
                 };
-                let record = TickRecord::decode(value.value())?;
+                let record = TickRecord::decode(&value)?;
                 if record.sender != sender {
                     continue;
                 }
@@ -384,8 +397,9 @@ impl TickStore for EmbeddedTickStore {
     }
 
     async fn purge_expired(&self, now_ms: u64) -> StoreResult<u64> {
+        let tables = Arc::clone(&self.tables);
         self.committer
-            .submit(move |transaction| purge_in(transaction, now_ms))
+            .submit(move |transaction| purge_in(transaction, &tables, now_ms))
             .await
     }
 }
