@@ -481,3 +481,104 @@ fn apply_batch<E: Engine>(
     }
     database.commit(transaction)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use fjall::Readable;
+
+    use super::*;
+
+    fn open() -> (
+        tempfile::TempDir,
+        fjall::SingleWriterTxDatabase,
+        fjall::SingleWriterTxKeyspace,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let database = fjall::SingleWriterTxDatabase::builder(dir.path())
+            .open()
+            .unwrap();
+        let keyspace = database
+            .keyspace("rows", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        (dir, database, keyspace)
+    }
+
+    fn read(
+        database: &fjall::SingleWriterTxDatabase,
+        rows: &fjall::SingleWriterTxKeyspace,
+        key: &str,
+    ) -> Option<Vec<u8>> {
+        database
+            .read_tx()
+            .get(rows, key)
+            .unwrap()
+            .map(|value| value.to_vec())
+    }
+
+    /// A fjall batch reads its own writes, its last write per key is what commits, and
+    /// nothing is visible before the commit.
+    #[test]
+    fn a_journal_batch_reads_its_own_writes_and_commits_the_last() {
+        let (_dir, database, rows) = open();
+        let mut setup = Engine::begin(&database, true).unwrap();
+        setup.insert(&rows, "kept", "old");
+        setup.insert(&rows, "gone", "old");
+        Engine::commit(&database, setup).unwrap();
+
+        let mut batch = Engine::begin(&database, true).unwrap();
+        batch.insert(&rows, "new", "1");
+        batch.insert(&rows, "new", "2");
+        assert_eq!(&*batch.get(&rows, "new").unwrap().unwrap(), b"2");
+        assert_eq!(&*batch.take(&rows, "gone").unwrap().unwrap(), b"old");
+        assert_eq!(batch.take(&rows, "gone").unwrap(), None, "taken once");
+        batch.remove(&rows, "brief");
+        batch.insert(&rows, "brief", "back");
+        batch.insert(&rows, "dropped", "x");
+        batch.remove(&rows, "dropped");
+        let keys: Vec<Vec<u8>> = batch
+            .keys_in(&rows, ..)
+            .unwrap()
+            .into_iter()
+            .map(|key| key.to_vec())
+            .collect();
+        assert_eq!(
+            keys,
+            [b"brief".to_vec(), b"kept".to_vec(), b"new".to_vec()],
+            "the stored keys merged with the batch's"
+        );
+        assert_eq!(
+            read(&database, &rows, "new"),
+            None,
+            "nothing visible before the commit"
+        );
+
+        Engine::commit(&database, batch).unwrap();
+        assert_eq!(read(&database, &rows, "new").unwrap(), b"2");
+        assert_eq!(read(&database, &rows, "brief").unwrap(), b"back");
+        assert_eq!(read(&database, &rows, "kept").unwrap(), b"old");
+        assert_eq!(read(&database, &rows, "gone"), None);
+        assert_eq!(read(&database, &rows, "dropped"), None);
+    }
+
+    /// A batch that wrote nothing commits (and, durable, syncs) without error, and a
+    /// dropped one leaves no trace.
+    #[test]
+    fn an_empty_or_dropped_journal_batch_changes_nothing() {
+        let (_dir, database, rows) = open();
+        Engine::commit(&database, Engine::begin(&database, true).unwrap()).unwrap();
+        Engine::commit(&database, Engine::begin(&database, false).unwrap()).unwrap();
+        let mut dropped = Engine::begin(&database, true).unwrap();
+        dropped.insert(&rows, "never", "1");
+        drop(dropped);
+        assert_eq!(read(&database, &rows, "never"), None);
+        assert!(
+            database
+                .read_tx()
+                .range::<&str, _>(&rows, ..)
+                .next()
+                .is_none()
+        );
+    }
+}
