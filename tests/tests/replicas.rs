@@ -142,8 +142,8 @@ impl Cluster {
         })
     }
 
-    /// Registers a user (retrying while the services start) and opens a chat session, once
-    /// it is live.
+    /// Registers a user and opens a chat session (each retried while the services start),
+    /// once it is live.
     async fn connect(&self, name: &str) -> (Credentials, BluetickClient, ChatHandle, ChatEvents) {
         self.connect_with(name, ChatConfig::default()).await
     }
@@ -169,7 +169,20 @@ impl Cluster {
             }
         };
         let client = BluetickClient::new(credentials.clone()).unwrap();
-        let (chat, mut events) = client.open_chat(config).await.unwrap();
+        // The gateway learns within a probe interval that a replica it started without is up:
+        // until then the attach finds none and the session is refused, as a device would be.
+        let (chat, mut events) = loop {
+            match client.open_chat(config.clone()).await {
+                Ok(opened) => break opened,
+                Err(error) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "open chat {name}: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         // Live: attached, backlog and stored receipts read.
         events
             .next_event_matching(|event| matches!(event, ChatEvent::BacklogDone { .. }), WAIT)
