@@ -48,14 +48,19 @@ pub use self::presence::EmbeddedPresenceStore;
 pub use self::ticks::EmbeddedTickStore;
 use crate::{StoreError, StoreResult};
 
-/// Creates `dir` if needed and opens (or creates) the redb file `file_name` in it.
-fn open_database(dir: &Path, file_name: &str) -> StoreResult<Arc<Database>> {
+/// Creates the store directory `dir` (and its parents) if needed.
+fn create_store_dir(dir: &Path) -> StoreResult<()> {
     std::fs::create_dir_all(dir).map_err(|error| {
         StoreError::Unavailable(format!(
             "failed to create store directory {}: {error}",
             dir.display()
         ))
-    })?;
+    })
+}
+
+/// Creates `dir` if needed and opens (or creates) the redb file `file_name` in it.
+fn open_database(dir: &Path, file_name: &str) -> StoreResult<Arc<Database>> {
+    create_store_dir(dir)?;
     let path = dir.join(file_name);
     let database = Database::create(&path).map_err(|error| {
         StoreError::Unavailable(format!(
@@ -102,12 +107,7 @@ fn open_journal_database<const N: usize>(
         )));
     }
     let path = dir.join(name);
-    std::fs::create_dir_all(&path).map_err(|error| {
-        StoreError::Unavailable(format!(
-            "failed to create store directory {}: {error}",
-            path.display()
-        ))
-    })?;
+    create_store_dir(&path)?;
     let database = SingleWriterTxDatabase::builder(&path)
         .cache_size(FJALL_CACHE_BYTES)
         .max_journaling_size(FJALL_JOURNAL_BYTES)
