@@ -1133,6 +1133,8 @@ async fn tick_forward_only(store: &TickStoreRef) {
         .acknowledge(&phone, TickStatus::Delivered, vec![(message_id, 1)], now)
         .await
         .expect("acknowledge");
+    // Durable once flushed (the embedded store answers acknowledge once visible).
+    store.flush().await.expect("flush");
     assert_eq!(outcomes.len(), 1);
     let receipt = advanced(&outcomes[0]);
     assert_eq!(

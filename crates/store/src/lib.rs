@@ -8,12 +8,14 @@
 //! | [`PresenceStore`] | presence | last seen per user, last-seen privacy and contacts |
 //!
 //! Every method that returns `Ok` after a write has made it durable (fsync / group commit
-//! in the embedded store, a QUORUM-class write in CQL), with two exceptions whose loss in a
-//! crash only repeats work, so the embedded store answers them once visible and makes them
+//! in the embedded store, a QUORUM-class write in CQL), with three exceptions whose loss in
+//! a crash only repeats work, so the embedded store answers them once visible and makes them
 //! durable with its next durable commit, at the latest 100 ms later:
 //! [`InboxStore::mark_delivered`] (the messages are pending again and devices drop the
-//! copies by id) and [`TickStore::confirm_receipts`] (the receipts are sent again and
-//! change nothing). Implementations: [`embedded`] (fjall and redb databases in one directory,
+//! copies by id), [`TickStore::confirm_receipts`] (the receipts are sent again and change
+//! nothing) and [`TickStore::acknowledge`], whose caller awaits [`TickStore::flush`] before
+//! the inbox is settled (a lost tick leaves its message pending: it is delivered again,
+//! acknowledged again, and the receipt stored again). Implementations: [`embedded`] (fjall and redb databases in one directory,
 //! the default) and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature
 //! `testsuite`) is run against each.
 
@@ -306,6 +308,11 @@ pub trait TickStore: Send + Sync + std::fmt::Debug + 'static {
     /// DELIVERED) and, for each advance, atomically stores a receipt for the sender device
     /// with the paired receipt id. Returns one outcome per `(message_id, receipt_id)`, in
     /// order.
+    ///
+    /// May answer once the change is visible, before it is durable (the receipts can then
+    /// be pushed to the senders one disk flush sooner): [`flush`](Self::flush) makes it
+    /// durable, and must have returned before anything that depends on the tick being
+    /// stored, such as settling the recipient's inbox.
     async fn acknowledge(
         &self,
         recipient: &DeviceAddress,
@@ -313,6 +320,10 @@ pub trait TickStore: Send + Sync + std::fmt::Debug + 'static {
         acks: Vec<(u64, u64)>,
         at_ms: u64,
     ) -> StoreResult<Vec<AckOutcome>>;
+
+    /// Makes every write this store has answered so far durable. Stores whose writes are
+    /// durable when answered (CQL) return at once.
+    async fn flush(&self) -> StoreResult<()>;
 
     /// Returns up to `limit` receipts waiting for `sender`, with ids greater than
     /// `after_receipt_id`, ascending.

@@ -353,3 +353,80 @@ async fn accept_throughput_with_64_writers() {
         store.commit_count()
     );
 }
+
+/// Where the child of `flushed_ticks_survive_an_abort` keeps its store.
+const ABORT_CHILD_DIR: &str = "BLUETICK_TEST_ABORT_CHILD_DIR";
+
+/// The child of `flushed_ticks_survive_an_abort`: records and acknowledges messages (lazy
+/// writes), flushes, and aborts the process without closing the store.
+#[tokio::test]
+#[ignore = "run by flushed_ticks_survive_an_abort in a child process"]
+async fn acknowledge_flush_and_abort() {
+    let Ok(dir) = std::env::var(ABORT_CHILD_DIR) else {
+        return;
+    };
+    let ticks = EmbeddedTickStore::open(std::path::Path::new(&dir)).unwrap();
+    let now = now_ms();
+    let sender = DeviceAddress::new("abort-sender".to_string(), 1);
+    let recipient = DeviceAddress::new("abort-recipient".to_string(), 1);
+    for message_id in 1..=20u64 {
+        ticks
+            .record_sent(SentRecord {
+                message_id,
+                sender: sender.clone(),
+                recipient_user_id: recipient.user_id.clone(),
+                recipient_device_ids: vec![1],
+                sent_at_ms: now,
+                expires_at_ms: now + 3_600_000,
+            })
+            .await
+            .unwrap();
+    }
+    for message_id in 1..=20u64 {
+        ticks
+            .acknowledge(
+                &recipient,
+                TickStatus::Delivered,
+                vec![(message_id, 100 + message_id)],
+                now,
+            )
+            .await
+            .unwrap();
+    }
+    ticks.flush().await.unwrap();
+    std::process::abort();
+}
+
+/// Acknowledgements may be answered before they are durable; once `flush` returned they
+/// survive the process dying without closing the store.
+#[tokio::test]
+async fn flushed_ticks_survive_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "acknowledge_flush_and_abort",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(ABORT_CHILD_DIR, dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child should have aborted");
+    let ticks = EmbeddedTickStore::open(dir.path()).unwrap();
+    let sender = DeviceAddress::new("abort-sender".to_string(), 1);
+    let ids: Vec<u64> = (1..=20).collect();
+    let states = ticks.status(&sender, &ids).await.unwrap();
+    assert_eq!(
+        states,
+        ids.iter()
+            .map(|id| (*id, 1, TickStatus::Delivered))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ticks.pending_receipts(&sender, 0, 100).await.unwrap().len(),
+        20
+    );
+}

@@ -237,9 +237,18 @@ impl Ack for AckService {
                 }),
             }
         }
-        if !advanced.is_empty() {
-            self.inner.route(advanced).await;
-        }
+        // The receipts go to their senders while the ticks are made durable; the answer
+        // waits for both. The caller settles the inbox only after this answer, so a crash
+        // before the flush loses ticks whose messages are still pending: they are delivered
+        // again, acknowledged again, and their receipts sent again.
+        let route = async {
+            if !advanced.is_empty() {
+                self.inner.route(advanced).await;
+            }
+        };
+        let ((), flushed) =
+            tokio::join!(route, time_store("ticks.flush", self.inner.ticks.flush()));
+        flushed?;
         Ok(Response::new(response))
     }
 

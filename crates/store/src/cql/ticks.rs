@@ -400,6 +400,11 @@ impl TickStore for CqlTickStore {
         Ok(())
     }
 
+    async fn flush(&self) -> StoreResult<()> {
+        // Every write was durable (QUORUM-class) when it was answered.
+        Ok(())
+    }
+
     async fn status(
         &self,
         sender: &DeviceAddress,

@@ -7,14 +7,16 @@
 //! released, with its own result: a single tick never precedes the fsync.
 //!
 //! A few writes only save repeating work when they survive a crash: a message marked
-//! delivered (lost, it is pending again and the device drops the copy by id) and receipts
-//! a sender confirmed (lost, they are sent again and change nothing). Those are
+//! delivered (lost, it is pending again and the device drops the copy by id), receipts
+//! a sender confirmed (lost, they are sent again and change nothing), and ticks whose
+//! caller [`flush`](GroupCommitter::flush)es before it settles the inbox. Those are
 //! [`submit_lazy`](GroupCommitter::submit_lazy): a batch of nothing but lazy jobs commits
 //! without an fsync (its changes are visible at once), and the next
 //! durable commit makes it durable too. Under load that is the next durable write, which
 //! costs nothing extra; the writer commits durably on its own at the latest
 //! [`MAX_LAZY_DELAY`] after the oldest lazy commit (an empty commit if no job came), and
-//! always when the store closes.
+//! always when the store closes. A flush waits for that durability now: it costs nothing
+//! when a durable commit already covered the lazy ones.
 //!
 //! Job contract: a job that refuses its input ([`StoreError::NotFound`] or
 //! [`StoreError::AlreadyExists`]) must do so before it writes anything; its refusal goes to
@@ -204,6 +206,35 @@ trait ErasedJob<E: Engine>: Send {
 
     /// Whether the caller must wait for the fsync.
     fn durable(&self) -> bool;
+
+    /// Whether this is a [`GroupCommitter::flush`], which writes nothing.
+    fn is_flush(&self) -> bool {
+        false
+    }
+}
+
+/// A [`GroupCommitter::flush`]: writes nothing, and is answered once every earlier commit
+/// is durable.
+struct FlushJob {
+    reply: oneshot::Sender<StoreResult<()>>,
+}
+
+impl<E: Engine> ErasedJob<E> for FlushJob {
+    fn apply(&mut self, _transaction: &mut E::Transaction<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, batch_result: Result<(), StoreError>) {
+        let _ = self.reply.send(batch_result);
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn is_flush(&self) -> bool {
+        true
+    }
 }
 
 struct TypedJob<T, F> {
@@ -340,15 +371,22 @@ impl<E: Engine> GroupCommitter<E> {
         self.submit_with(false, work).await
     }
 
+    /// Returns once every commit answered so far is durable: at once (after the jobs
+    /// queued before it) when a durable commit already covered them, else with the next
+    /// batch's fsync (an empty one if nothing else is queued).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the fsync failed or the writer has stopped.
+    pub(crate) async fn flush(&self) -> StoreResult<()> {
+        let (reply, result) = oneshot::channel();
+        self.enqueue(Box::new(FlushJob { reply }), result).await
+    }
+
     async fn submit_with<T, F>(&self, durable: bool, work: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'t, 'db> FnOnce(&'t mut E::Transaction<'db>) -> StoreResult<T> + Send + 'static,
     {
-        let sender = self
-            .sender_opt
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("store is closing".to_string()))?;
         let (reply, result) = oneshot::channel();
         let job = Box::new(TypedJob {
             durable,
@@ -356,6 +394,19 @@ impl<E: Engine> GroupCommitter<E> {
             outcome_opt: None,
             reply,
         });
+        self.enqueue(job, result).await
+    }
+
+    /// Queues `job` and waits for its answer on `result`.
+    async fn enqueue<T>(
+        &self,
+        job: Box<dyn ErasedJob<E>>,
+        result: oneshot::Receiver<StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let sender = self
+            .sender_opt
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("store is closing".to_string()))?;
         sender
             .send(job)
             .await
@@ -427,6 +478,13 @@ fn run_writer<E: Engine>(
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
+        }
+        if lazy_since_opt.is_none() && batch.iter().all(|job| job.is_flush()) {
+            // Only flushes, and every earlier commit is durable already.
+            for job in batch.drain(..) {
+                job.finish(Ok(()));
+            }
+            continue;
         }
         // Lazy commits are made durable in time even when only lazy jobs keep coming.
         let durable = batch.iter().any(|job| job.durable())
@@ -579,6 +637,45 @@ mod tests {
                 .range::<&str, _>(&rows, ..)
                 .next()
                 .is_none()
+        );
+    }
+
+    /// A flush commits (syncs) only when a lazy commit is not durable yet.
+    #[tokio::test]
+    async fn a_flush_syncs_only_what_is_not_durable() {
+        let (_dir, database, rows) = open();
+        let committer = GroupCommitter::start("test", Arc::new(database)).unwrap();
+        committer.flush().await.unwrap();
+        assert_eq!(committer.commit_count(), 0, "nothing to make durable");
+
+        let lazy_rows = rows.clone();
+        committer
+            .submit_lazy(move |transaction| {
+                transaction.insert(&lazy_rows, "lazy", "1");
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(committer.commit_count(), 1);
+        committer.flush().await.unwrap();
+        assert_eq!(committer.commit_count(), 2, "the lazy commit was synced");
+        committer.flush().await.unwrap();
+        assert_eq!(committer.commit_count(), 2, "already durable");
+
+        committer
+            .submit_lazy(move |transaction| {
+                transaction.insert(&rows, "lazy", "2");
+                Ok(())
+            })
+            .await
+            .unwrap();
+        committer.submit(|_| Ok(())).await.unwrap();
+        assert_eq!(committer.commit_count(), 4);
+        committer.flush().await.unwrap();
+        assert_eq!(
+            committer.commit_count(),
+            4,
+            "a durable commit covered the lazy one"
         );
     }
 }

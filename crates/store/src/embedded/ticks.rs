@@ -312,11 +312,16 @@ impl TickStore for EmbeddedTickStore {
     ) -> StoreResult<Vec<AckOutcome>> {
         let recipient = recipient.clone();
         let tables = Arc::clone(&self.tables);
+        // Lazy: the caller awaits `flush` before the inbox is settled.
         self.committer
-            .submit(move |transaction| {
+            .submit_lazy(move |transaction| {
                 acknowledge_in(transaction, &tables, &recipient, status, &acks, at_ms)
             })
             .await
+    }
+
+    async fn flush(&self) -> StoreResult<()> {
+        self.committer.flush().await
     }
 
     async fn pending_receipts(
