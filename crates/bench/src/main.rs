@@ -61,6 +61,11 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
+    /// online and paced: write each delivery as `sent_us,one_way_us,sender,recipient`
+    /// (microseconds since the run's start, user indexes) to this CSV file, to see when and
+    /// between whom the slow ones happened.
+    #[arg(long, global = true)]
+    latency_log: Option<std::path::PathBuf>,
     /// Server processes whose CPU (and memory) to read from /proc (repeat or comma-separate).
     #[arg(long = "server-pid", value_delimiter = ',', global = true)]
     server_pids: Vec<u32>,
@@ -220,10 +225,14 @@ struct Tally {
     one_way: Option<Histogram<u64>>,
     double_tick: Option<Histogram<u64>>,
     last_delivery: Option<Instant>,
+    /// `(sent, one-way latency, sender, recipient)`, times in microseconds, with
+    /// `--latency-log`.
+    log_opt: Option<Vec<(u64, u64, u32, u32)>>,
 }
 
 /// Drains one user's events into the tally until `expected_total` messages arrived overall.
 async fn collect(
+    user: u32,
     mut events: ChatEvents,
     epoch: Instant,
     tally: Arc<Mutex<Tally>>,
@@ -245,6 +254,14 @@ async fn collect(
                     let latency = now_micros.saturating_sub(sent).max(1);
                     if let Some(histogram) = tally.one_way.as_mut() {
                         let _ = histogram.record(latency);
+                    }
+                    if let Some(log) = tally.log_opt.as_mut() {
+                        let sender = message
+                            .payload
+                            .get(8..12)
+                            .and_then(|bytes| bytes.try_into().ok())
+                            .map_or(u32::MAX, u32::from_be_bytes);
+                        log.push((sent, latency, sender, user));
                     }
                 }
             }
@@ -295,14 +312,16 @@ async fn run_traffic(
     let tally = Arc::new(Mutex::new(Tally {
         one_way: Some(histogram()),
         double_tick: Some(histogram()),
+        log_opt: args.latency_log.as_ref().map(|_| Vec::new()),
         ..Tally::default()
     }));
     let sent_at = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let sent_ids = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let mut handles = Vec::with_capacity(users);
-    for user in &people {
+    for (index, user) in people.iter().enumerate() {
         let (handle, events) = connect(user).await?;
         tokio::spawn(collect(
+            index as u32,
             events,
             epoch,
             tally.clone(),
@@ -315,7 +334,10 @@ async fn run_traffic(
     let cpu_before = cpu_seconds();
     let server_cpu_before = server_cpu_seconds(&args.server_pids);
     let start = Instant::now();
-    let interval_opt = rate_opt.map(|rate| Duration::from_secs_f64(users as f64 / rate as f64));
+    // Paced: send k of the run (user k % users, their message k / users) is due at
+    // start + k / rate, one schedule for everyone, so the sends are evenly spaced.
+    let slot_opt = rate_opt.map(|rate| Duration::from_secs_f64(1.0 / rate as f64));
+    let schedule_start = tokio::time::Instant::from_std(start);
     let mut senders = Vec::new();
     for (index, handle) in handles.iter().enumerate() {
         let handle = handle.clone();
@@ -327,13 +349,10 @@ async fn run_traffic(
             .collect();
         let sent_at = sent_at.clone();
         senders.push(tokio::spawn(async move {
-            let mut ticker = interval_opt.map(|every| {
-                let offset = every.mul_f64(index as f64 / users as f64);
-                tokio::time::interval_at(tokio::time::Instant::now() + offset, every)
-            });
-            for _ in 0..messages_per_user {
-                if let Some(ticker) = ticker.as_mut() {
-                    ticker.tick().await;
+            for round in 0..messages_per_user {
+                if let Some(slot) = slot_opt {
+                    let send = (round * users + index) as u32;
+                    tokio::time::sleep_until(schedule_start + slot * send).await;
                 }
                 let recipient = &recipients[rand::random_range(0..recipients.len())];
                 let body = payload(epoch, index as u32, payload_bytes);
@@ -364,6 +383,13 @@ async fn run_traffic(
     let seconds = end.duration_since(start).as_secs_f64();
     let one_way = tally.one_way.as_ref();
     let double_tick = tally.double_tick.as_ref();
+    if let (Some(path), Some(log)) = (args.latency_log.as_ref(), tally.log_opt.as_ref()) {
+        let mut lines = String::from("sent_us,one_way_us,sender,recipient\n");
+        for (sent, latency, sender, recipient) in log {
+            lines.push_str(&format!("{sent},{latency},{sender},{recipient}\n"));
+        }
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     // Closing waits up to a second per session for the server; close them all at once.
     futures::future::join_all(handles.iter().map(|handle| handle.close())).await;
     Ok(Report {
@@ -439,10 +465,11 @@ async fn run_offline(
         }));
     }
     let mut handles = Vec::new();
-    for connect in connects {
+    for (index, connect) in connects.into_iter().enumerate() {
         let (handle, events) = connect.await??;
         let none = Arc::new(Mutex::new(std::collections::HashMap::new()));
         tokio::spawn(collect(
+            index as u32,
             events,
             epoch,
             tally.clone(),
