@@ -15,9 +15,11 @@
 //! copies by id), [`TickStore::confirm_receipts`] (the receipts are sent again and change
 //! nothing) and [`TickStore::acknowledge`], whose caller awaits [`TickStore::flush`] before
 //! the inbox is settled (a lost tick leaves its message pending: it is delivered again,
-//! acknowledged again, and the receipt stored again). Implementations: [`embedded`] (fjall and redb databases in one directory,
-//! the default) and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature
-//! `testsuite`) is run against each.
+//! acknowledged again, and the receipt stored again).
+//!
+//! Implementations: [`embedded`] (fjall and redb databases in one directory, the default)
+//! and [`cql`] (Cassandra / ScyllaDB). The `conformance` suite (feature `testsuite`) is run
+//! against each.
 
 use std::sync::Arc;
 
