@@ -158,6 +158,14 @@ fn sent_micros(payload: &[u8]) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
+/// The sending user's index that [`payload`] wrote after the timestamp.
+fn sender_index(payload: &[u8]) -> Option<u32> {
+    payload
+        .get(8..12)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u32::from_be_bytes)
+}
+
 /// Returns the CPU seconds of `pids` so far, summed (0 for processes that cannot be read).
 fn server_cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter()
@@ -256,11 +264,7 @@ async fn collect(
                         let _ = histogram.record(latency);
                     }
                     if let Some(log) = tally.log_opt.as_mut() {
-                        let sender = message
-                            .payload
-                            .get(8..12)
-                            .and_then(|bytes| bytes.try_into().ok())
-                            .map_or(u32::MAX, u32::from_be_bytes);
+                        let sender = sender_index(&message.payload).unwrap_or(u32::MAX);
                         log.push((sent, latency, sender, user));
                     }
                 }
