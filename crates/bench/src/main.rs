@@ -61,8 +61,9 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline_secs: u64,
-    /// online and paced: write each delivery as `sent_us,one_way_us,sender,recipient`
-    /// (microseconds since the run's start, user indexes) to this CSV file, to see when and
+    /// online and paced: write each delivery as `sent_us,one_way_us,sender,recipient,
+    /// sent_unix_us` (microseconds since the run's start, user indexes, the send's wall-clock
+    /// time for lining it up with the server's log) to this CSV file, to see when and
     /// between whom the slow ones happened.
     #[arg(long, global = true)]
     latency_log: Option<std::path::PathBuf>,
@@ -138,8 +139,14 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     store_seconds: Option<f64>,
     generator_cpu_percent: f64,
+    /// The generator's CPU time per delivered message: what a device costs its client.
+    generator_cpu_us_per_message: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_percent: Option<f64>,
+    /// Server CPU time per delivered message (with `--server-pid`): less sensitive to other
+    /// work on the machine than msgs/s, and what bounds throughput once the CPUs are full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_us_per_message: Option<f64>,
 }
 
 /// Payload: 8 bytes of send time (µs since the run's epoch), sender index, then padding.
@@ -174,13 +181,25 @@ fn server_cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
-/// Returns the CPU share of `pids` since `(cpu_before, wall_before)`, or `None` without pids.
-fn server_cpu_percent(pids: &[u32], cpu_before: f64, wall_before: Instant) -> Option<f64> {
+/// Returns the CPU `pids` used since `(cpu_before, wall_before)`: as a share of one core,
+/// and in microseconds per message of `messages`; `None` without pids.
+fn server_cpu_used(
+    pids: &[u32],
+    cpu_before: f64,
+    wall_before: Instant,
+    messages: u64,
+) -> Option<(f64, f64)> {
     if pids.is_empty() {
         return None;
     }
     let wall = wall_before.elapsed().as_secs_f64().max(1e-9);
-    Some(100.0 * (server_cpu_seconds(pids) - cpu_before) / wall)
+    let used = server_cpu_seconds(pids) - cpu_before;
+    Some((100.0 * used / wall, micros_per_message(used, messages)))
+}
+
+/// Returns `cpu_seconds` spread over `messages`, in microseconds each.
+fn micros_per_message(cpu_seconds: f64, messages: u64) -> f64 {
+    1e6 * cpu_seconds / messages.max(1) as f64
 }
 
 fn histogram() -> Histogram<u64> {
@@ -313,6 +332,9 @@ async fn run_traffic(
     }
     let people = register_users(args, users, "o").await?;
     let epoch = Instant::now();
+    let epoch_unix_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64);
     let tally = Arc::new(Mutex::new(Tally {
         one_way: Some(histogram()),
         double_tick: Some(histogram()),
@@ -378,7 +400,13 @@ async fn run_traffic(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let server_cpu = server_cpu_percent(&args.server_pids, server_cpu_before, start);
+    let received_by_then = tally.lock().await.received;
+    let server_cpu_opt = server_cpu_used(
+        &args.server_pids,
+        server_cpu_before,
+        start,
+        received_by_then,
+    );
     // A short grace period to catch duplicates and late double ticks.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = cpu_seconds() - cpu_before;
@@ -388,9 +416,12 @@ async fn run_traffic(
     let one_way = tally.one_way.as_ref();
     let double_tick = tally.double_tick.as_ref();
     if let (Some(path), Some(log)) = (args.latency_log.as_ref(), tally.log_opt.as_ref()) {
-        let mut lines = String::from("sent_us,one_way_us,sender,recipient\n");
+        let mut lines = String::from("sent_us,one_way_us,sender,recipient,sent_unix_us\n");
         for (sent, latency, sender, recipient) in log {
-            lines.push_str(&format!("{sent},{latency},{sender},{recipient}\n"));
+            let sent_unix = epoch_unix_micros + sent;
+            lines.push_str(&format!(
+                "{sent},{latency},{sender},{recipient},{sent_unix}\n"
+            ));
         }
         std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -410,7 +441,9 @@ async fn run_traffic(
         double_tick_p99_ms: double_tick.map(|h| ms(h.value_at_quantile(0.99))),
         store_seconds: None,
         generator_cpu_percent: 100.0 * cpu / seconds.max(1e-9),
-        server_cpu_percent: server_cpu,
+        generator_cpu_us_per_message: micros_per_message(cpu, tally.received),
+        server_cpu_percent: server_cpu_opt.map(|(percent, _)| percent),
+        server_cpu_us_per_message: server_cpu_opt.map(|(_, micros)| micros),
     })
 }
 
@@ -490,9 +523,14 @@ async fn run_offline(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let server_cpu = server_cpu_percent(&args.server_pids, server_cpu_before, store_start);
     let cpu = cpu_seconds() - cpu_before;
     let tally = tally.lock().await;
+    let server_cpu_opt = server_cpu_used(
+        &args.server_pids,
+        server_cpu_before,
+        store_start,
+        tally.received,
+    );
     let seconds = tally
         .last_delivery
         .unwrap_or_else(Instant::now)
@@ -509,7 +547,9 @@ async fn run_offline(
         messages_per_second: tally.received as f64 / seconds.max(1e-9),
         store_seconds: Some(store_seconds),
         generator_cpu_percent: 100.0 * cpu / (store_seconds + seconds).max(1e-9),
-        server_cpu_percent: server_cpu,
+        generator_cpu_us_per_message: micros_per_message(cpu, tally.received),
+        server_cpu_percent: server_cpu_opt.map(|(percent, _)| percent),
+        server_cpu_us_per_message: server_cpu_opt.map(|(_, micros)| micros),
         ..Report::default()
     })
 }
@@ -546,12 +586,14 @@ fn print(report: &Report, json: bool) -> anyhow::Result<()> {
     if let (Some(p50), Some(p99)) = (report.double_tick_p50_ms, report.double_tick_p99_ms) {
         println!("{name}: send -> double tick p50 {p50:.2} ms, p99 {p99:.2} ms");
     }
-    if let Some(server) = report.server_cpu_percent {
-        println!("{name}: server CPU {server:.0}% of one core");
+    if let (Some(server), Some(micros)) =
+        (report.server_cpu_percent, report.server_cpu_us_per_message)
+    {
+        println!("{name}: server CPU {server:.0}% of one core, {micros:.0} us per message");
     }
     println!(
-        "{name}: generator CPU {:.0}% of one core",
-        report.generator_cpu_percent
+        "{name}: generator CPU {:.0}% of one core, {:.0} us per message",
+        report.generator_cpu_percent, report.generator_cpu_us_per_message
     );
     Ok(())
 }
@@ -701,4 +743,17 @@ async fn main() -> anyhow::Result<()> {
         bail!("{} lost, {} duplicated", report.lost, report.duplicated);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CPU time is spread evenly over the delivered messages, and a run that delivered
+    /// nothing reports the whole time rather than dividing by zero.
+    #[test]
+    fn cpu_per_message_is_microseconds_each() {
+        assert_eq!(micros_per_message(0.85, 10_000), 85.0);
+        assert_eq!(micros_per_message(0.5, 0), 500_000.0);
+    }
 }
