@@ -46,6 +46,12 @@ mod procfs;
 
 use procfs::self_cpu_seconds as cpu_seconds;
 
+/// jemalloc, as in the servers: the generator shares the two cores with the server it
+/// measures, and with the system allocator its malloc and free took a tenth of its CPU
+/// (BENCHMARKS.md, "online: the CPU budget of two shared cores").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
