@@ -11,7 +11,9 @@
 # Environment: STORE and MEDIA point the services at engines (as for `make run`);
 # BENCH_RUNS repeats each default scenario (the table shows medians); BENCH_IDLE_DEVICES,
 # BENCH_MEDIA_MIB and BENCH_100K_GATEWAYS change sizes. Everything lives under
-# .cache/bench/ (git-ignored); processes are stopped by the PIDs recorded when started.
+# .cache/bench/ (git-ignored): each run's directory keeps results.jsonl, the server's log and
+# every paced delivery's latency (paced-N.csv); processes are stopped by the PIDs recorded
+# when started.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -63,6 +65,11 @@ mkdir -p "${RUN_DIR}/bin"
 for binary in bluetick-dev bluetick-bench bluetick-gateway bluetick-media; do
     cp "${TARGET_DIR}/release/${binary}" "${RUN_DIR}/bin/"
 done
+# Everything written so far goes to disk now (these copies are ~450 MB; an earlier run's
+# deletions add more). Left dirty, it would be written back by the kernel 30 s later
+# (vm.dirty_expire_centisecs), in the middle of the third paced run, and every journal
+# fdatasync would wait behind it (BENCHMARKS.md, "the third paced run").
+sync
 BIN="${RUN_DIR}/bin"
 
 # free_port : prints a TCP port free on 127.0.0.1 right now.
@@ -198,7 +205,10 @@ run_default() {
         log "run ${run}/${RUNS}: online"
         bench --gateway "$GATEWAY" --server-pid "$DEV_PID" online --users 200 --messages 50 || true
         log "run ${run}/${RUNS}: paced"
-        bench --gateway "$GATEWAY" --server-pid "$DEV_PID" paced --users 200 --rate 2000 --seconds 10 || true
+        # Every delivery's latency, with its wall-clock send time, kept beside results.jsonl
+        # (a slow spell can be lined up with dev.log, e.g. under RUST_LOG=warn,fjall=debug).
+        bench --gateway "$GATEWAY" --server-pid "$DEV_PID" --latency-log "${RUN_DIR}/paced-${run}.csv" \
+            paced --users 200 --rate 2000 --seconds 10 || true
         log "run ${run}/${RUNS}: offline"
         bench --gateway "$GATEWAY" --server-pid "$DEV_PID" offline --users 200 --messages 20 || true
     done
