@@ -9,8 +9,8 @@
 #                               several gateway processes and generator processes
 #
 # Environment: STORE and MEDIA point the services at engines (as for `make run`);
-# BENCH_RUNS repeats each default scenario (the table shows medians); BENCH_IDLE_DEVICES,
-# BENCH_MEDIA_MIB and BENCH_100K_GATEWAYS change sizes. Everything lives under
+# BENCH_RUNS repeats each default scenario (the table shows medians, and totals of losses);
+# BENCH_IDLE_DEVICES, BENCH_MEDIA_MIB and BENCH_100K_GATEWAYS change sizes. Everything lives under
 # .cache/bench/ (git-ignored): each run's directory keeps results.jsonl, the server's log and
 # every paced delivery's latency (paced-N.csv); processes are stopped by the PIDs recorded
 # when started.
@@ -132,27 +132,23 @@ records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 for record in records:
     if "lost" in record:
         record["lost_and_duplicated"] = record["lost"] + record.get("duplicated", 0)
-# Figures are medians over the runs; counts of lost and duplicated messages are totals,
-# since one run that lost a message fails the guarantee whatever the others did.
-def aggregate(scenario, key, where=lambda r: True):
+# A figure is the median over the runs; a count of lost and duplicated messages is their
+# total (combine=sum), since one run that lost a message fails the guarantee whatever the
+# others did.
+rows = []
+def row(figure, scenario, key, target, ok, fmt="{:.0f}", where=lambda r: True, combine=statistics.median):
     values = [r[key] for r in records if r.get("scenario") == scenario and where(r) and r.get(key) is not None]
     if not values:
-        return (None, "")
-    if key == "lost_and_duplicated":
-        return (sum(values), f" (total of {len(values)})" if len(values) > 1 else "")
-    return (statistics.median(values), f" (median of {len(values)})" if len(values) > 1 else "")
-rows = []
-def row(figure, scenario, key, target, ok, fmt="{:.0f}", where=lambda r: True):
-    value, over = aggregate(scenario, key, where)
-    if value is None:
         return
+    value = combine(values)
+    over = f" ({'total' if combine is sum else 'median'} of {len(values)})" if len(values) > 1 else ""
     met = "yes" if ok(value) else "NO"
     rows.append((figure, fmt.format(value) + over, target, met))
 row("online delivered msgs/s", "online", "messages_per_second", ">= 40,000", lambda v: v >= 40000)
 row("online one-way p50 ms", "online", "one_way_p50_ms", "-", lambda v: True, "{:.2f}")
 row("online one-way p99 ms", "online", "one_way_p99_ms", "-", lambda v: True, "{:.2f}")
 row("online one-way max ms", "online", "one_way_max_ms", "-", lambda v: True, "{:.2f}")
-row("online lost + duplicated", "online", "lost_and_duplicated", "0", lambda v: v == 0)
+row("online lost + duplicated", "online", "lost_and_duplicated", "0", lambda v: v == 0, combine=sum)
 row("online generator CPU %", "online", "generator_cpu_percent", "(share)", lambda v: True)
 row("online server CPU %", "online", "server_cpu_percent", "(of 200)", lambda v: True)
 row("online server CPU us/msg", "online", "server_cpu_us_per_message", "(cost)", lambda v: True)
@@ -162,11 +158,11 @@ row("paced one-way p50 ms", "paced", "one_way_p50_ms", "-", lambda v: True, "{:.
 row("paced one-way p99 ms", "paced", "one_way_p99_ms", "<= 2", lambda v: v <= 2, "{:.2f}")
 row("paced one-way max ms", "paced", "one_way_max_ms", "-", lambda v: True, "{:.2f}")
 row("paced send->double tick p99 ms", "paced", "double_tick_p99_ms", "<= 4", lambda v: v <= 4, "{:.2f}")
-row("paced lost + duplicated", "paced", "lost_and_duplicated", "0", lambda v: v == 0)
+row("paced lost + duplicated", "paced", "lost_and_duplicated", "0", lambda v: v == 0, combine=sum)
 row("paced server CPU us/msg", "paced", "server_cpu_us_per_message", "(cost)", lambda v: True)
 row("offline store s", "offline", "store_seconds", "-", lambda v: True, "{:.2f}")
 row("offline drain msgs/s", "offline", "messages_per_second", ">= 20,000", lambda v: v >= 20000)
-row("offline lost + duplicated", "offline", "lost_and_duplicated", "0", lambda v: v == 0)
+row("offline lost + duplicated", "offline", "lost_and_duplicated", "0", lambda v: v == 0, combine=sum)
 single = lambda r: r.get("server_pids")
 row("idle devices connected", "idle", "connected", "all", lambda v: True, where=single)
 row("idle server KiB per device", "idle", "server_rss_per_device_kib", "<= 16", lambda v: v <= 16, "{:.1f}", where=single)

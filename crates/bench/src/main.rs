@@ -399,14 +399,13 @@ async fn run_traffic(
         sender.await??;
     }
     let deadline = start + Duration::from_secs(args.deadline_secs);
-    loop {
+    let received_by_then = loop {
         let received = tally.lock().await.received;
         if received >= total || Instant::now() > deadline {
-            break;
+            break received;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let received_by_then = tally.lock().await.received;
+    };
     let server_cpu_opt = server_cpu_used(
         &args.server_pids,
         server_cpu_before,
